@@ -1,0 +1,108 @@
+"""The ``lightning-eff`` command: Lightning's ``LightningCLI`` over every lightning-eff component.
+
+Usage::
+
+    lightning-eff fit --config configs/ko/digits.yaml
+    lightning-eff fit --config configs/ko/digits.yaml --optimizer KO --optimizer.collision_rate 0.05
+    lightning-eff fit --config configs/ko/digits.yaml --trainer.logger WandbLogger \\
+        --trainer.logger.project my-project
+    lightning-eff test --config configs/ko/digits.yaml --ckpt_path path/to/last.ckpt
+
+What this adds to a plain ``LightningCLI``:
+
+* ``subclass_mode_model`` and ``subclass_mode_data``: any ``LightningModule`` / ``LightningDataModule``
+  by class path, and by short name for the ones this package defines (``--model ImageClassifier``,
+  ``--data DigitsDataModule``, ``--optimizer KO``): every component package is imported before
+  parsing so that jsonargparse can resolve them.
+* OmegaConf interpolation in YAML (``parser_mode="omegaconf"``): write a value once and reference it
+  (``${data.init_args.image_size}``).
+* Config saving that does not fail when a second run writes into the same folder (with
+  ``WandbLogger`` the "log dir" is the shared W&B save dir, where Lightning's default callback
+  refuses to overwrite ``config.yaml``), and the full resolved config stored on the W&B run.
+* ``test_after_fit: true`` runs ``trainer.test`` on the best (or last) checkpoint after ``fit``,
+  so that one command trains and reports test accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+__all__ = ["LightningEffCLI", "LoggerSaveConfigCallback", "COMPONENT_PACKAGES", "main"]
+
+#: Packages whose classes become available by short name on the command line.
+COMPONENT_PACKAGES: tuple[str, ...] = (
+    "lightning_eff.data",
+    "lightning_eff.models",
+    "lightning_eff.optim",
+)
+
+
+def import_components() -> None:
+    """Import every component package so that short class names resolve."""
+    for name in COMPONENT_PACKAGES:
+        importlib.import_module(name)
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` (overwriting a previous one) and stores the config on W&B runs."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        import yaml
+
+        as_dict = yaml.safe_load(config)
+        for logger in loggers:
+            logger.experiment.config.update({"lightning_eff_config": as_dict}, allow_val_change=True)
+
+
+class LightningEffCLI(LightningCLI):
+    """``LightningCLI`` with lightning-eff's defaults (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import_components()
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("parser_mode", "omegaconf")
+        with warnings.catch_warnings():
+            # With ``--optimizer`` given, LightningCLI replaces the module's own
+            # ``configure_optimizers``: that is what the user asked for, not a problem.
+            warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by.*")
+            super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After `fit`, run `trainer.test` on the best checkpoint (or the final weights).",
+        )
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "test_after_fit", default=False):
+            return
+        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
+        if self.trainer.fast_dev_run:
+            ckpt = None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-eff`` console script."""
+    LightningEffCLI(args=args if args is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
