@@ -26,6 +26,14 @@ def seed():
     return 0
 
 
+def pytest_configure(config):
+    """One intra-op thread: on a 2-core CI machine two threads fighting a second process
+    (DDP tests, the console-script tests) make small trainings 10-20x slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests when CUDA is not available."""
     try:

@@ -99,7 +99,9 @@ class ImageTensorDataset(TensorDataset):
 
     def __init__(self, images: Tensor, targets: Tensor) -> None:
         if images.ndim != 4:
-            raise ValueError(f"ImageTensorDataset: `images` must be [N, C, H, W], got shape {tuple(images.shape)}.")
+            raise ValueError(
+                f"ImageTensorDataset: `images` must be [N, C, H, W], got shape {tuple(images.shape)}."
+            )
         if targets.ndim != 1 or len(targets) != len(images):
             raise ValueError(
                 f"ImageTensorDataset: `targets` must be [N] with N={len(images)}, got shape {tuple(targets.shape)}."
@@ -224,7 +226,9 @@ class ClassificationDataModule(L.LightningDataModule):
         if isinstance(c, Tensor) and c.numel() == 1 and not c.is_floating_point():
             c = int(c.item())
         if isinstance(c, bool) or not isinstance(c, int):
-            raise TypeError(f"{type(self).__name__}: class `c` must be an int, got {c!r} ({type(c).__name__}).")
+            raise TypeError(
+                f"{type(self).__name__}: class `c` must be an int, got {c!r} ({type(c).__name__})."
+            )
         if not 0 <= c < self.num_classes:
             raise ValueError(
                 f"{type(self).__name__}: class `c` must be in [0, {self.num_classes - 1}] "

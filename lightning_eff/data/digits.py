@@ -110,6 +110,7 @@ class DigitsDataModule(ClassificationDataModule):
         self._num_classes = _NUM_CLASSES
         self._image_shape = (self.channels, self.image_size, self.image_size)
         self._class_names = [str(i) for i in range(_NUM_CLASSES)]
+        self.split_indices: dict[str, torch.Tensor] | None = None
         if not self.use_normalization:
             self._mean = (0.0,) * self.channels
             self._std = (1.0,) * self.channels
@@ -126,7 +127,11 @@ class DigitsDataModule(ClassificationDataModule):
         targets = torch.as_tensor(digits.target, dtype=torch.long)
         if self.image_size != images.shape[-1]:
             images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=False
+                images,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=False,
             )
         if self.channels == 3:
             images = images.expand(-1, 3, -1, -1).contiguous()
@@ -153,10 +158,8 @@ class DigitsDataModule(ClassificationDataModule):
 
         self._train_targets = targets[train_idx]
         self._train_set = ImageTensorDataset(images[train_idx], targets[train_idx])
-        self._val_set = ImageTensorDataset(images[val_idx], targets[val_idx])
-        self._test_set = (
-            self._val_set if self.num_val == 0 else ImageTensorDataset(images[test_idx], targets[test_idx])
+        self._test_set = ImageTensorDataset(images[test_idx], targets[test_idx])
+        self._val_set = (
+            self._test_set if self.num_val == 0 else ImageTensorDataset(images[val_idx], targets[val_idx])
         )
-        if self.num_val == 0:
-            self._val_set = self._test_set
         self.split_indices = {"train": train_idx, "val": val_idx, "test": test_idx}

@@ -1,0 +1,20 @@
+"""Image-classification ``LightningDataModule``\\ s: the embedded digits and local-root datasets.
+
+All derive from :class:`ClassificationDataModule`, the API other components (dataset distillation,
+selection, evaluation) rely on. Nothing here downloads: :class:`DigitsDataModule` uses scikit-learn's bundled
+digits, the others read a local ``root``.
+"""
+
+from lightning_eff.data.base import ClassificationDataModule, ImageTensorDataset
+from lightning_eff.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lightning_eff.data.digits import DigitsDataModule
+from lightning_eff.data.folder import ImageFolderDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ClassificationDataModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "ImageTensorDataset",
+]

@@ -1,0 +1,304 @@
+"""``ImageClassifier``: supervised cross-entropy training of any image network as a ``LightningModule``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = ["ImageClassifier"]
+
+# Lightning's own instantiator for hyperparameters written as jsonargparse configs; LightningCLI stores it
+# with the config of every module it builds, and ``load_from_checkpoint`` trusts it.
+_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is built from None/bool/int/float/str, lists, tuples and str-keyed dicts only."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _net_config(net: nn.Module) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` config that rebuilds ``net``, if it exposes ``get_config()``."""
+    get_config = getattr(net, "get_config", None)
+    if not callable(get_config):
+        return None
+    init_args = get_config()
+    if not isinstance(init_args, dict) or not _is_plain(init_args):
+        return None
+    return {"class_path": _class_path(type(net)), "init_args": dict(init_args)}
+
+
+def _callable_config(fn: Any, bases: tuple[type, ...]) -> dict[str, Any] | None:
+    """Config for a class in ``bases`` or a ``functools.partial`` of one with plain keyword arguments.
+
+    Also recognises the partials jsonargparse builds for ``OptimizerCallable``/``LRSchedulerCallable`` (e.g. when
+    ``load_from_checkpoint`` rebuilds the module from a saved config).
+    """
+    if isinstance(fn, type) and issubclass(fn, bases):
+        return {"class_path": _class_path(fn), "init_args": {}}
+    if not isinstance(fn, functools.partial) or not _is_plain(dict(fn.keywords)):
+        return None
+    if isinstance(fn.func, type) and issubclass(fn.func, bases) and not fn.args:
+        return {"class_path": _class_path(fn.func), "init_args": dict(fn.keywords)}
+    # jsonargparse builds ``partial(call_without_instantiate_context, instantiator, cls, **init_args)``
+    target = fn.args[-1] if fn.args else None
+    if (
+        getattr(fn.func, "__module__", "").startswith("jsonargparse")
+        and isinstance(target, type)
+        and issubclass(target, bases)
+    ):
+        return {"class_path": _class_path(target), "init_args": dict(fn.keywords)}
+    return None
+
+
+def _given_cli_hparams() -> dict[str, Any] | None:
+    """The config LightningCLI hands to the module being instantiated, if any."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older/newer Lightning without the mechanism
+        return None
+    return _given_hyperparameters.get()
+
+
+def _infer_num_classes(net: nn.Module) -> int:
+    n = getattr(net, "num_classes", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        return n
+    for attr in ("classifier", "fc", "head"):
+        head = getattr(net, attr, None)
+        if isinstance(head, nn.Linear):
+            return head.out_features
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1].out_features
+    raise ValueError(
+        f"ImageClassifier: cannot tell how many classes `net` ({type(net).__name__}) predicts: it has no int "
+        f"`num_classes` attribute and no nn.Linear layer. Give it a `num_classes` attribute."
+    )
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy image classification of any ``net`` (logits ``[B, num_classes]``).
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (progress bar), ``test/loss`` and
+    ``test/acc`` per epoch; accuracy is torchmetrics' ``MulticlassAccuracy`` with ``average="micro"`` (the
+    fraction of correct predictions). At ``setup`` the net is checked against a
+    :class:`~lightning_eff.data.ClassificationDataModule` attached to the trainer (class count and image shape).
+
+    Hyperparameters are saved as plain configs (``class_path`` + ``init_args``, as LightningCLI writes them), so
+    checkpoints load with ``torch.load(weights_only=True)`` and ``ImageClassifier.load_from_checkpoint(path)``
+    rebuilds the net, provided it exposes ``get_config()`` (as :class:`ConvNet` and :class:`MLP` do) or the
+    module was built by LightningCLI. Otherwise a warning says to pass ``net=`` to ``load_from_checkpoint``.
+    Likewise ``optimizer``/``lr_scheduler`` are recorded when they are a class or a ``functools.partial`` of
+    one (anything else, e.g. a lambda, works for training but falls back to the default on reload).
+
+    Args:
+        net: network mapping images ``[B, C, H, W]`` to logits ``[B, num_classes]``.
+        optimizer: callable ``params -> Optimizer`` (default ``torch.optim.Adam`` with its default lr 1e-3).
+        lr_scheduler: optional callable ``optimizer -> LRScheduler``; ``ReduceLROnPlateau`` monitors
+            ``val/loss``.
+        label_smoothing: cross-entropy label smoothing in ``[0, 1)``.
+
+    Example::
+
+        >>> from lightning_eff.models import ConvNet
+        >>> model = ImageClassifier(ConvNet(in_channels=1, num_classes=10, width=8, image_size=8))
+        >>> model(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+        >>> model.hparams["net"]["class_path"], model.hparams["optimizer"]["class_path"]
+        ('lightning_eff.models.convnet.ConvNet', 'torch.optim.adam.Adam')
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(
+                f"ImageClassifier: `net` must be a torch.nn.Module, got {net!r} ({type(net).__name__})."
+            )
+        if not callable(optimizer):
+            raise TypeError(
+                f"ImageClassifier: `optimizer` must be a callable params -> Optimizer, got {optimizer!r}."
+            )
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError(
+                f"ImageClassifier: `lr_scheduler` must be None or a callable optimizer -> LRScheduler, "
+                f"got {lr_scheduler!r}."
+            )
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing < 1.0
+        ):
+            raise ValueError(
+                f"ImageClassifier: `label_smoothing` must be a float in [0, 1), got {label_smoothing!r}."
+            )
+        self.net = net
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.label_smoothing = float(label_smoothing)
+        self._save_plain_hyperparameters()
+
+        self.num_classes = _infer_num_classes(net)
+        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(self.num_classes, average="micro")
+
+    def _save_plain_hyperparameters(self) -> None:
+        if _given_cli_hparams() is not None:
+            # Built by LightningCLI: it hands over the parsed config (plain data + its instantiator).
+            self.save_hyperparameters()
+            return
+        hparams: dict[str, Any] = {"label_smoothing": self.label_smoothing, "_instantiator": _INSTANTIATOR}
+        net_config = _net_config(self.net)
+        if net_config is None:
+            rank_zero_warn(
+                f"ImageClassifier: `net` ({type(self.net).__name__}) has no `get_config()`, so it is not saved as a "
+                f"hyperparameter; pass it when reloading: `ImageClassifier.load_from_checkpoint(path, net=...)`."
+            )
+        else:
+            hparams["net"] = net_config
+        optimizer_config = _callable_config(self.optimizer, (Optimizer,))
+        if optimizer_config is None:
+            rank_zero_warn(
+                f"ImageClassifier: `optimizer` {self.optimizer!r} is not a class or functools.partial of one, so it is "
+                f"not saved as a hyperparameter; `load_from_checkpoint` will use the default unless given `optimizer=`."
+            )
+        else:
+            hparams["optimizer"] = optimizer_config
+        if self.lr_scheduler is None:
+            hparams["lr_scheduler"] = None
+        else:
+            scheduler_config = _callable_config(self.lr_scheduler, (LRScheduler, ReduceLROnPlateau))
+            if scheduler_config is None:
+                rank_zero_warn(
+                    f"ImageClassifier: `lr_scheduler` {self.lr_scheduler!r} is not a class or functools.partial of "
+                    f"one, so it is not saved as a hyperparameter."
+                )
+            else:
+                hparams["lr_scheduler"] = scheduler_config
+        self.save_hyperparameters(hparams)
+
+    # ------------------------------------------------------------------------------------------
+    # checks
+    # ------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the net against the trainer's :class:`ClassificationDataModule` (class count, image shape)."""
+        from lightning_eff.data.base import ClassificationDataModule
+
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if isinstance(datamodule, ClassificationDataModule):
+            self.check_datamodule(datamodule)
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Raise ``ValueError`` unless ``net`` maps ``datamodule.image_shape`` images to ``num_classes`` logits."""
+        image_shape = tuple(datamodule.image_shape)
+        num_classes = datamodule.num_classes
+        name, net_name = type(datamodule).__name__, type(self.net).__name__
+        if num_classes != self.num_classes:
+            raise ValueError(
+                f"ImageClassifier: the datamodule {name} has num_classes={num_classes} but the net {net_name} "
+                f"predicts {self.num_classes} classes; build the net with num_classes={num_classes}."
+            )
+        param = next(self.net.parameters(), None)
+        if param is not None and param.is_meta:
+            return
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                out = self.net(torch.zeros(2, *image_shape, device=device, dtype=dtype))
+        except Exception as err:
+            raise ValueError(
+                f"ImageClassifier: the net {net_name} cannot process the images of the datamodule {name} "
+                f"(image_shape={image_shape}): {err}"
+            ) from err
+        finally:
+            self.net.train(was_training)
+        if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"ImageClassifier: the net {net_name} maps images of shape {image_shape} from {name} to {got}; "
+                f"expected logits [B, {num_classes}] (num_classes={num_classes})."
+            )
+
+    def _check_finite(self, loss: Tensor, stage: str, batch_idx: int) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"ImageClassifier: the {stage} loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx} "
+                f"(global step {self.global_step}); lower the learning rate or check the inputs."
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # steps
+    # ------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` of images ``x``."""
+        return self.net(x)
+
+    def _shared_step(self, batch: Any, batch_idx: int, stage: str, metric: MulticlassAccuracy) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self._check_finite(loss, stage, batch_idx)
+        metric.update(logits.detach(), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step, sync_dist=True)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Cross-entropy on one ``(images, labels)`` batch."""
+        return self._shared_step(batch, batch_idx, "train", self.train_acc)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Validation loss and accuracy."""
+        return self._shared_step(batch, batch_idx, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Test loss and accuracy."""
+        return self._shared_step(batch, batch_idx, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Logits of a batch of images (``(images, labels)`` batches are accepted too)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+    def configure_optimizers(self) -> Any:
+        """``optimizer(self.parameters())``, plus ``lr_scheduler(optimizer)`` when given."""
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
