@@ -15,7 +15,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("cli", "data", "models", "optim")
+_SUBPACKAGES = ("cli", "data", "models", "optim", "distill", "ranking", "llm", "select", "tokens", "explain", "rl")
 
 __all__ = ["__version__", *_SUBPACKAGES]
 
