@@ -1,5 +1,33 @@
-"""Dataset distillation: synthetic sets, the evaluation protocol, the matching methods and plug-ins."""
+"""Dataset distillation: synthetic sets, the distillation base, the matching methods and plug-ins.
 
+Methods (one file each): :class:`DistributionMatching` (``dm.py``), :class:`GradientMatching`
+(``gm.py``), :class:`TrajectoryMatching` (``mtt.py``, with expert trajectories). The base
+(``base.py``) holds the synthetic set as parameters; ``synthetic.py`` the saved artefact.
+"""
+
+from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
+from lightning_eff.distill.dm import DistributionMatching
+from lightning_eff.distill.gm import GradientMatching
+from lightning_eff.distill.mtt import (
+    ExpertTrajectory,
+    ExpertTrajectoryRecorder,
+    TrajectoryMatching,
+    load_experts,
+    train_experts,
+)
 from lightning_eff.distill.synthetic import SyntheticSet, SyntheticSetDataset
 
-__all__ = ["SyntheticSet", "SyntheticSetDataset"]
+__all__ = [
+    "SyntheticSet",
+    "SyntheticSetDataset",
+    "DistillationModule",
+    "DistillPlugin",
+    "DistillStep",
+    "DistributionMatching",
+    "GradientMatching",
+    "TrajectoryMatching",
+    "ExpertTrajectory",
+    "ExpertTrajectoryRecorder",
+    "train_experts",
+    "load_experts",
+]

@@ -1,0 +1,1 @@
+"""Small shared helpers (argument checks, logging pictures to whichever logger is active)."""

@@ -1,0 +1,361 @@
+"""Dataset distillation core: SyntheticSet, the base module and the DM / GM / MTT baselines."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from lightning_eff.data import DigitsDataModule
+from lightning_eff.distill import SyntheticSet
+from lightning_eff.distill.dm import DistributionMatching, mean_embedding_distance
+from lightning_eff.distill.gm import GradientMatching, get_loops, gradient_distance
+from lightning_eff.distill.mtt import (
+    ExpertTrajectory,
+    ExpertTrajectoryRecorder,
+    TrajectoryMatching,
+    normalized_parameter_distance,
+    train_experts,
+)
+from lightning_eff.models import ConvNet, ImageClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dm = DigitsDataModule(image_size=8)
+    dm.setup("fit")
+    return dm
+
+
+def small_net(size=8, width=16):
+    return ConvNet(in_channels=1, num_classes=10, width=width, depth=2, image_size=size)
+
+
+def trainer(tmp_path, **kw):
+    kw.setdefault("max_steps", 4)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+METHODS = {
+    "dm": lambda **kw: DistributionMatching(small_net(), batch_real=32, **kw),
+    "gm": lambda **kw: GradientMatching(small_net(), batch_real=32, outer_loop=3, inner_loop=2, **kw),
+    "mtt": lambda **kw: TrajectoryMatching(
+        small_net(), num_experts=2, expert_train_epochs=3, max_start_epoch=2, expert_epochs=1, syn_steps=4, **kw
+    ),
+}
+
+
+# ---------------------------------------------------------------- SyntheticSet
+def _synset(**kw):
+    g = torch.Generator().manual_seed(0)
+    return SyntheticSet(
+        torch.randn(6, 1, 8, 8, generator=g),
+        torch.tensor([0, 0, 1, 1, 2, 2]),
+        metadata={"num_classes": 3, "mean": [0.3], "std": [0.2], "method": "test", "ipc": 2},
+        **kw,
+    )
+
+
+def test_synthetic_set_round_trip(tmp_path):
+    s = _synset(soft_labels=torch.rand(6, 3), privileged=torch.randn(6, 4), lr=0.02)
+    path = s.save(tmp_path / "sub" / "set.pt")
+    loaded = SyntheticSet.load(path)
+    assert loaded.equals(s) and loaded.lr == 0.02 and loaded.ipc == 2
+    assert [p.name for p in path.parent.iterdir()] == ["set.pt"]  # no temp file left behind
+    s2 = _synset()
+    s2.save(path)  # overwrite in place
+    assert SyntheticSet.load(path).equals(s2)
+
+
+def test_synthetic_set_bad_files(tmp_path):
+    good = tmp_path / "good.pt"
+    _synset().save(good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    d = _synset().to_dict()
+    d["format_version"] = 99
+    torch.save(d, tmp_path / "future.pt")
+    for name, match in [
+        ("truncated.pt", "corrupt or truncated"),
+        ("garbage.pt", "corrupt or truncated"),
+        ("foreign.pt", "not a lightning-eff synthetic set"),
+        ("future.pt", "format version 99"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SyntheticSet.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        SyntheticSet.load(tmp_path / "missing.pt")
+
+
+def test_synthetic_set_validation():
+    with pytest.raises(ValueError, match="labels must have shape"):
+        SyntheticSet(torch.randn(3, 1, 4, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels must be < num_classes"):
+        SyntheticSet(torch.randn(2, 1, 4, 4), torch.tensor([0, 5]), metadata={"num_classes": 3})
+    with pytest.raises(ValueError, match="soft_labels"):
+        SyntheticSet(torch.randn(2, 1, 4, 4), torch.tensor([0, 1]), soft_labels=torch.rand(2, 5))
+    with pytest.raises(ValueError, match="images must be"):
+        SyntheticSet(torch.randn(2, 4, 4), torch.tensor([0, 1]))
+
+
+def test_image_grid_is_denormalised_png(tmp_path):
+    s = _synset()
+    grid = s.to_image_grid(tmp_path / "grid.png")
+    assert grid.min() >= 0 and grid.max() <= 1
+    img = Image.open(tmp_path / "grid.png")
+    # 3 rows (classes) x 2 columns (ipc) of 32 px tiles (8 px upscaled x4) with 2 px padding
+    assert img.size == (2 + 2 * 34, 2 + 3 * 34)
+    # de-normalisation: image * std + mean
+    torch.testing.assert_close(s.denormalized(), (s.images * 0.2 + 0.3).clamp(0, 1))
+
+
+def test_random_subset_is_real_and_seeded(digits):
+    a = SyntheticSet.random_subset(digits, ipc=3, seed=1)
+    b = SyntheticSet.random_subset(digits, ipc=3, seed=1)
+    c = SyntheticSet.random_subset(digits, ipc=3, seed=2)
+    assert a.equals(b) and not torch.equal(a.images, c.images)
+    assert len(a) == 30 and a.ipc == 3 and a.metadata["method"] == "random_real"
+    for img, label in zip(a.images, a.labels):
+        pool = digits.class_images(int(label))
+        assert (pool == img).flatten(1).all(1).any(), "every image is a real training image of its class"
+    x, y = next(iter(a.dataloader(batch_size=8)))
+    assert x.shape == (8, 1, 8, 8) and y.dtype == torch.long
+
+
+# ---------------------------------------------------------------- losses at their minimum
+def test_losses_vanish_on_identical_inputs():
+    e = torch.randn(5, 7)
+    assert float(mean_embedding_distance(e, e)) == 0.0
+    g = [torch.randn(4, 3, 3, 3), torch.randn(4), torch.randn(10, 4)]
+    assert float(gradient_distance(g, g)) < 1e-5
+    assert float(gradient_distance(g, g, "mse")) == 0.0
+    assert float(normalized_parameter_distance(g, g, [x + 1 for x in g])) == 0.0
+    assert get_loops(10) == (10, 50) and get_loops(1) == (1, 1) and get_loops(12) == (10, 50)
+
+
+def _fit_then_identical_real(method, digits, tmp_path, monkeypatch):
+    """Make the module's real batch equal its synthetic images: the matching loss must vanish."""
+    module = METHODS[method](ipc=2)
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
+    monkeypatch.setattr(module, "sample_real", lambda c, n, generator: module.syn_class(c).detach().clone())
+    return module
+
+
+@pytest.mark.parametrize("method", ["dm", "gm"])
+def test_module_loss_is_minimal_when_synthetic_equals_real(method, digits, tmp_path, monkeypatch):
+    module = _fit_then_identical_real(method, digits, tmp_path, monkeypatch)
+    identical = float(module.matching_loss(module.make_step()).detach())
+    monkeypatch.undo()
+    if method == "gm":
+        module.__dict__["_net"] = None
+    with_real = float(module.matching_loss(module.make_step()).detach())
+    if method == "dm":
+        assert identical == 0.0
+    else:  # DC's distance keeps a 1e-6 in each row's cosine denominator: ~0, not exactly 0
+        assert identical < 1e-3 * with_real, (identical, with_real)
+
+
+def test_mtt_loss_is_zero_when_the_expert_followed_the_synthetic_set(digits, tmp_path):
+    """An expert that took exactly N full-batch SGD steps on the synthetic set is matched exactly."""
+    module = TrajectoryMatching(small_net(), ipc=1, expert_dir=None, num_experts=1, expert_train_epochs=1,
+                                max_start_epoch=1, expert_epochs=1, syn_steps=3, lr_init=0.05)
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
+    net = small_net()
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(net.parameters(), lr=float(module.syn_lr))
+    x, y = module.syn_images.detach(), module.syn_labels
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    module._experts = [ExpertTrajectory.from_module_states(net, [theta0, [p.detach() for p in net.parameters()]])]
+    assert float(module.matching_loss(module.make_step())) < 1e-8
+    with torch.no_grad():
+        module.syn_lr.fill_(0.0)  # the student does not move: the loss is exactly 1
+    assert float(module.matching_loss(module.make_step())) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- training, resume, errors
+def _loss_at_iteration_zero(module):
+    it = module.iteration.clone()
+    module.iteration.zero_()
+    if isinstance(module, GradientMatching):
+        module.__dict__["_net"] = None
+    loss = float(module.matching_loss(module.make_step()))
+    module.iteration.copy_(it)
+    return loss
+
+
+@pytest.mark.parametrize("method", ["dm", "gm", "mtt"])
+def test_short_fit_lowers_the_loss(method, digits, tmp_path):
+    module = METHODS[method](ipc=2, seed=3)
+    t = trainer(tmp_path, max_steps=1)
+    t.fit(module, datamodule=digits)
+    before = _loss_at_iteration_zero(module)
+    trainer(tmp_path, max_steps=25).fit(module, datamodule=digits)
+    after = _loss_at_iteration_zero(module)
+    assert after < before, (before, after)
+    synset = SyntheticSet.load(tmp_path / "synthetic_set.pt")
+    assert synset.metadata["method"] == method and synset.ipc == 2
+    assert (tmp_path / "synthetic_grid.png").exists()
+    if method == "mtt":
+        assert synset.lr is not None and synset.lr != 0.01
+
+
+@pytest.mark.parametrize("method", ["dm", "gm", "mtt"])
+def test_resume_continues_identically(method, digits, tmp_path):
+    straight = METHODS[method](ipc=2)
+    trainer(tmp_path / "a", max_steps=5).fit(straight, datamodule=digits)
+
+    first = METHODS[method](ipc=2)
+    t1 = trainer(tmp_path / "b", max_steps=2)
+    t1.fit(first, datamodule=digits)
+    t1.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = METHODS[method](ipc=2)
+    trainer(tmp_path / "c", max_steps=5).fit(resumed, datamodule=digits, ckpt_path=tmp_path / "mid.ckpt")
+    assert int(resumed.iteration) == int(straight.iteration) == 5
+    assert torch.equal(straight.syn_images, resumed.syn_images)
+    if method == "mtt":
+        assert torch.equal(straight.syn_lr, resumed.syn_lr)
+
+
+def test_bad_arguments(digits, tmp_path):
+    with pytest.raises(ValueError, match="ipc"):
+        DistributionMatching(small_net(), ipc=0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        DistributionMatching(small_net(), init="zeros")
+    with pytest.raises(FileNotFoundError, match="no synthetic set"):
+        DistributionMatching(small_net(), init=str(tmp_path / "nothing.pt"))
+    with pytest.raises(ValueError, match="batch_real"):
+        DistributionMatching(small_net(), batch_real=0)
+    with pytest.raises(ValueError, match="distance"):
+        GradientMatching(small_net(), distance="l1")
+    with pytest.raises(ValueError, match="last start epoch"):
+        TrajectoryMatching(small_net(), expert_train_epochs=5, max_start_epoch=5, expert_epochs=2)
+    # image size mismatch between the network and the DataModule
+    wrong = DistributionMatching(small_net(size=16), ipc=1)
+    with pytest.raises(ValueError, match="does not accept the DataModule's images"):
+        trainer(tmp_path, max_steps=1).fit(wrong, datamodule=digits)
+    # a saved set of another shape as init
+    SyntheticSet(torch.randn(10, 1, 16, 16), torch.arange(10), metadata={"num_classes": 10}).save(tmp_path / "s16.pt")
+    bad_init = DistributionMatching(small_net(), ipc=1, init=str(tmp_path / "s16.pt"))
+    with pytest.raises(ValueError, match="holds images of shape"):
+        trainer(tmp_path, max_steps=1).fit(bad_init, datamodule=digits)
+
+
+def test_init_from_a_saved_set_continues_it(digits, tmp_path):
+    start = SyntheticSet.random_subset(digits, ipc=1, seed=5)
+    start.save(tmp_path / "start.pt")
+    module = DistributionMatching(small_net(), ipc=1, batch_real=16, init=str(tmp_path / "start.pt"))
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
+    assert not torch.equal(module.syn_images.detach(), start.images)
+    assert (module.syn_images.detach() - start.images).abs().max() < 5  # one step away from it
+
+
+def test_image_optimizer_can_be_ko(digits, tmp_path):
+    from functools import partial
+
+    from lightning_eff.optim import KO
+
+    module = DistributionMatching(small_net(), ipc=2, batch_real=16, image_optimizer=partial(KO, lr=0.05))
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(module, datamodule=digits)
+    assert isinstance(t.optimizers[0], KO) and int(module.iteration) == 2
+
+
+# ---------------------------------------------------------------- experts
+def test_expert_trajectories_round_trip_and_recorder(digits, tmp_path):
+    experts = train_experts(digits, small_net(), num_experts=2, epochs=2, save_dir=tmp_path / "experts")
+    assert len(experts) == 2 and len(experts[0]) == 3
+    loaded = ExpertTrajectory.load(tmp_path / "experts" / "expert_0000.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.epochs, experts[0].epochs))
+    assert not torch.equal(experts[0].epochs[0], experts[1].epochs[0])  # different initialisations
+    (tmp_path / "bad.pt").write_bytes(b"not a trajectory")
+    with pytest.raises(ValueError, match="not a readable expert trajectory"):
+        ExpertTrajectory.load(tmp_path / "bad.pt")
+
+    # the recorder on an ordinary classification run
+    rec_dir = tmp_path / "recorded"
+    clf = ImageClassifier(small_net(), optimizer=torch.optim.SGD)
+    trainer(tmp_path, max_epochs=2, max_steps=-1, limit_train_batches=3, limit_val_batches=1,
+            callbacks=[ExpertTrajectoryRecorder(str(rec_dir))]).fit(clf, datamodule=digits)
+    rec = ExpertTrajectory.load(rec_dir / "expert_0000.pt")
+    assert len(rec) == 3
+    rec.check_compatible(small_net())
+    with pytest.raises(ValueError, match="does not match"):
+        rec.check_compatible(small_net(width=8))
+    # MTT distills from the recorded folder
+    module = TrajectoryMatching(small_net(), ipc=1, expert_dir=str(rec_dir), max_start_epoch=1, expert_epochs=1,
+                                syn_steps=2)
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=digits)
+    assert int(module.iteration) == 2
+
+
+# ---------------------------------------------------------------- DDP
+class _DDPDM(DistributionMatching):
+    def __init__(self, out):
+        super().__init__(small_net(), ipc=2, batch_real=16)
+        self.out = out
+
+    def on_train_end(self):
+        gathered = self.all_gather(self.syn_images.detach())
+        if self.global_rank == 0:
+            torch.save(gathered, self.out)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_keeps_the_synthetic_set_identical(tmp_path):
+    out = tmp_path / "syn.pt"
+    dm = DigitsDataModule(image_size=8)
+    trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2).fit(_DDPDM(str(out)), datamodule=dm)
+    gathered = torch.load(out)
+    assert gathered.shape[0] == 2 and torch.equal(gathered[0], gathered[1])
+    dm.setup("fit")
+    init = SyntheticSet.from_real(dm, 2, seed=0).images
+    assert not torch.equal(gathered[0], init)
+
+
+# ---------------------------------------------------------------- CLI
+DISTILL_CONFIGS = sorted((ROOT / "configs" / "distill").glob("*digits*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in DISTILL_CONFIGS if "experts" not in p.name], ids=lambda p: p.name)
+def test_distill_configs_fit_through_the_cli(path, tmp_path, monkeypatch):
+    from lightning_eff.cli import LightningEffCLI
+
+    monkeypatch.setattr(sys, "argv", ["lightning-eff"])
+    overrides = [
+        "--trainer.max_steps=2",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.init_args.save_dir={tmp_path}",
+    ]
+    text = path.read_text()
+    if "TrajectoryMatching" in text:
+        overrides += ["--model.init_args.num_experts=1", "--model.init_args.expert_train_epochs=3",
+                      "--model.init_args.max_start_epoch=1", "--model.init_args.syn_steps=2"]
+    if "GradientMatching" in text:
+        overrides += ["--model.init_args.inner_loop=2"]
+    if "batch_real" in text:
+        overrides += ["--model.init_args.batch_real=16"]
+    LightningEffCLI(args=["fit", "--config", str(path), *overrides])
+    synset = SyntheticSet.load(tmp_path / "synthetic_set.pt")
+    assert synset.metadata["iterations"] == 2
