@@ -5,8 +5,10 @@ Methods (one file each): :class:`DistributionMatching` (``dm.py``), :class:`Grad
 (``base.py``) holds the synthetic set as parameters; ``synthetic.py`` the saved artefact.
 """
 
+from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
 from lightning_eff.distill.dm import DistributionMatching
+from lightning_eff.distill.evaluate import EvaluationResult, SyntheticEvalCallback, evaluate_synthetic
 from lightning_eff.distill.gm import GradientMatching
 from lightning_eff.distill.mtt import (
     ExpertTrajectory,
@@ -30,4 +32,9 @@ __all__ = [
     "ExpertTrajectoryRecorder",
     "train_experts",
     "load_experts",
+    "DSA",
+    "CutMix",
+    "evaluate_synthetic",
+    "EvaluationResult",
+    "SyntheticEvalCallback",
 ]
