@@ -7,6 +7,7 @@ Usage::
     lightning-eff fit --config configs/ko/digits.yaml --trainer.logger WandbLogger \\
         --trainer.logger.project my-project
     lightning-eff test --config configs/ko/digits.yaml --ckpt_path path/to/last.ckpt
+    lightning-eff rank --config configs/ranking/digits.yaml --synthetic path/to/synthetic_set.pt
 
 What this adds to a plain ``LightningCLI``:
 
@@ -33,7 +34,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-__all__ = ["LightningEffCLI", "LoggerSaveConfigCallback", "COMPONENT_PACKAGES", "main"]
+__all__ = ["LightningEffCLI", "LoggerSaveConfigCallback", "COMPONENT_PACKAGES", "EXTRA_SUBCOMMANDS", "main"]
 
 #: Packages whose classes become available by short name on the command line. A package that is
 #: not written yet (the library grows one method at a time) is skipped; one that exists but fails
@@ -113,9 +114,21 @@ class LightningEffCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
+#: Subcommands that are not Trainer methods: name -> module with ``main(argv) -> int``.
+EXTRA_SUBCOMMANDS: dict[str, str] = {"rank": "lightning_eff.ranking.cli"}
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-eff`` console script."""
-    LightningEffCLI(args=args if args is not None else sys.argv[1:])
+    """Entry point of the ``lightning-eff`` console script.
+
+    ``lightning-eff {fit,validate,test,predict} ...`` is LightningCLI; ``lightning-eff rank ...`` runs
+    the DD-Ranking evaluator (``lightning_eff.ranking.cli``).
+    """
+    args = list(args if args is not None else sys.argv[1:])
+    if args and args[0] in EXTRA_SUBCOMMANDS:
+        module = importlib.import_module(EXTRA_SUBCOMMANDS[args[0]])
+        raise SystemExit(module.main(args[1:]))
+    LightningEffCLI(args=args)
 
 
 if __name__ == "__main__":  # pragma: no cover
