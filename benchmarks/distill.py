@@ -1,7 +1,7 @@
 """Dataset distillation baselines on the bundled digits: random real vs DM vs gradient matching vs MTT.
 
-    python benchmarks/distill.py            # full run (about 10-15 minutes on 2 CPU cores)
-    python benchmarks/distill.py --quick    # smoke run (< 2 minutes)
+    python -m benchmarks.distill            # full run (about 10-15 minutes on 2 CPU cores)
+    python -m benchmarks.distill --quick    # smoke run (a few minutes)
 
 For IPC 1 and 10, each method distils a synthetic set (each in its own subprocess, so that its peak
 memory is its own), then every set — and random real subsets of equal size, the baseline — is
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(image_size=16, channels=1)
 NET = dict(in_channels=1, num_classes=10, width=64, depth=3, image_size=16)
 
@@ -155,10 +156,12 @@ def main() -> None:
         print(f"IPC {ipc:2d} random real  acc {rows[-1]['acc_mean']:.3f} +- {rows[-1]['acc_std']:.3f}", flush=True)
         for method in ("dm", "gm", "mtt"):
             out = os.path.join(tmp, f"{method}_{ipc}")
-            cmd = [sys.executable, __file__, "--one", method, str(ipc), str(iters[method]), out]
+            cmd = [sys.executable, "-m", "benchmarks.distill", "--one", method, str(ipc), str(iters[method]), out]
             if quick:
                 cmd.append("--quick")
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"distilling {method} at IPC {ipc} failed:\n{proc.stderr[-3000:]}")
             info = json.loads(Path(out + ".json").read_text())
             synset = SyntheticSet.load(out + ".pt")
             res = evaluate_synthetic(synset, dm, num_students=args.students, epochs=eval_epochs, dsa=DSA(), seed=0)

@@ -89,6 +89,7 @@ class DSAParams:
             ``(i + rows, j + cols)`` (zero outside), i.e. the content moves up/left for positive values.
         cutout_center: ``[n, 2]`` long, ``(row, col)`` of the erased square's centre.
         cutout_size: ``(height, width)`` of the erased square (same for the batch).
+        image_size: ``(H, W)`` the draw was made for (translation range and cutout size depend on it).
         scale: ``[n, 2]`` float ``(sx, sy)``: output coordinate ``(x, y)`` samples the input at
             ``(sx x, sy y)`` (normalised coordinates, ``sx < 1`` zooms in).
         angle: ``[n]`` float, rotation in degrees (positive: counter-clockwise sampling matrix
@@ -106,29 +107,53 @@ class DSAParams:
     cutout_size: tuple[int, int]
     scale: Tensor
     angle: Tensor
+    image_size: tuple[int, int] | None = None
+    active_mask: Tensor | None = None  # ``active`` on the device of the other tensors (set by ``to``)
 
-    _TENSORS = (
-        "active", "flip", "brightness", "saturation", "contrast", "translate", "cutout_center", "scale", "angle"
-    )
+    _VALUES = ("flip", "brightness", "saturation", "contrast", "translate", "cutout_center", "scale", "angle")
+
+    def __post_init__(self) -> None:
+        self.active = self.active.cpu()  # control flow only: deciding never waits for an accelerator
 
     def __len__(self) -> int:
         return self.active.shape[0]
 
-    def _map(self, fn, skip_active: bool = False) -> DSAParams:
+    def _map(self, fn, fn_active=None) -> DSAParams:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in self._TENSORS:
-            if not (skip_active and name == "active"):
+        for name in (*self._VALUES, "active_mask"):
+            if values[name] is not None:
                 values[name] = fn(values[name])
+        values["active"] = (fn_active or fn)(values["active"])
         return DSAParams(**values)
 
     def to(self, device: torch.device | str) -> DSAParams:
-        """The same parameters on ``device`` (``active`` stays on the CPU: it only steers control flow,
-        so applying the parameters never waits for the accelerator)."""
-        return self._map(lambda t: t.to(device), skip_active=True)
+        """The same parameters on ``device``, moved in two packed copies (one float, one integer)."""
+        device = torch.device(device)
+        if self.flip.device == device and (self.active_mask is not None or device.type == "cpu"):
+            return self
+        floats = torch.cat(
+            [
+                torch.stack([self.flip.float(), self.brightness, self.saturation, self.contrast, self.angle], 1),
+                self.scale,
+                self.active.float(),
+            ],
+            dim=1,
+        ).to(device)
+        ints = torch.cat([self.translate, self.cutout_center], dim=1).to(device)
+        return DSAParams(
+            ops=self.ops, active=self.active, flip=floats[:, 0] > 0.5, brightness=floats[:, 1],
+            saturation=floats[:, 2], contrast=floats[:, 3], angle=floats[:, 4], scale=floats[:, 5:7],
+            translate=ints[:, :2], cutout_center=ints[:, 2:], cutout_size=self.cutout_size,
+            image_size=self.image_size, active_mask=floats[:, 7:] > 0.5,
+        )
 
     def index(self, idx: Tensor | slice) -> DSAParams:
         """The parameters of the images selected by ``idx``."""
-        return self._map(lambda t: t[idx.to(t.device) if isinstance(idx, Tensor) else idx])
+
+        def pick(t: Tensor) -> Tensor:
+            return t[idx.to(t.device) if isinstance(idx, Tensor) else idx]
+
+        return self._map(pick)
 
     def expand(self, n: int) -> DSAParams:
         """Repeat a single draw (``len == 1``) for ``n`` images: the siamese broadcast."""
@@ -143,11 +168,12 @@ class DSAParams:
             raise ValueError("DSAParams.cat needs at least one DSAParams")
         first = params[0]
         for p in params[1:]:
-            if p.ops != first.ops or p.cutout_size != first.cutout_size:
+            if p.ops != first.ops or p.cutout_size != first.cutout_size or p.image_size != first.image_size:
                 raise ValueError("DSAParams.cat: all draws must share the strategy and the image size")
         values = {f.name: getattr(first, f.name) for f in fields(first)}
-        for name in DSAParams._TENSORS:
+        for name in (*DSAParams._VALUES, "active"):
             values[name] = torch.cat([getattr(p, name) for p in params])
+        values["active_mask"] = None
         return DSAParams(**values)
 
 
@@ -298,7 +324,7 @@ class DSA:
         params = DSAParams(
             ops=self.ops, active=active, flip=flip, brightness=brightness, saturation=saturation,
             contrast=contrast, translate=translate, cutout_center=cutout_center, cutout_size=(ch, cw),
-            scale=scale, angle=angle,
+            scale=scale, angle=angle, image_size=(h, w),
         )
         return params if device is None else params.to(device)
 
@@ -313,7 +339,7 @@ class DSA:
             params = self.sample(x.shape[0], generator=generator, device=x.device, image_size=tuple(x.shape[-2:]))
         if len(params) != x.shape[0]:
             raise ValueError(f"DSA: {len(params)} parameter rows for a batch of {x.shape[0]} images.")
-        return apply_dsa(x, params.to(x.device))
+        return apply_dsa(x, params)
 
     def siamese(self, *batches: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
         """One random draw applied identically to every image of every batch (the DSA siamese mode).
@@ -429,19 +455,25 @@ def _apply_op(op: str, x: Tensor, p: DSAParams) -> Tensor:
 def apply_dsa(x: Tensor, params: DSAParams) -> Tensor:
     """Apply the families of ``params`` (in order) to the images where they are active.
 
-    Each family runs once on the sub-batch of images it is active for (so a batch that mixes
-    several students' draws, each with its own family, costs one pass per family).
+    A family active for the whole batch runs on it directly; one active for some images only (a
+    batch that joins several students' draws, each with its own family) runs on the whole batch and
+    is kept where active (``torch.where``: no indexing, no host-device round trip).
     """
-    active = params.active.cpu()
+    if params.image_size is not None and tuple(x.shape[-2:]) != tuple(params.image_size):
+        raise ValueError(
+            f"DSA: the parameters were drawn for {params.image_size[0]}x{params.image_size[1]} images, got "
+            f"{x.shape[-2]}x{x.shape[-1]}; pass image_size= to DSA.sample."
+        )
+    if params.flip.device != x.device:
+        params = params.to(x.device)
+    active = params.active
     for g, op in enumerate(params.ops):
         column = active[:, g]
         if bool(column.all()):
             x = _apply_op(op, x, params)
         elif bool(column.any()):
-            idx = column.nonzero().flatten()
-            sub = params.index(idx)
-            idx = idx.to(x.device)
-            x = x.index_copy(0, idx, _apply_op(op, x[idx], sub))
+            mask = params.active_mask[:, g] if params.active_mask is not None else column.to(x.device)
+            x = torch.where(mask.view(-1, 1, 1, 1), _apply_op(op, x, params), x)
     return x.contiguous()
 
 
