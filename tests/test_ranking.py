@@ -1,0 +1,578 @@
+"""DD-Ranking evaluator, callback and command line on the bundled digits with tiny students."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_eff.data import DigitsDataModule
+from lightning_eff.distill import DistributionMatching, SyntheticSet
+from lightning_eff.models import ConvNet, ImageClassifier
+from lightning_eff.ranking import DDRanking, DDRankingCallback, RankingReport, load_teacher, log_report
+from lightning_eff.ranking import functional as F
+from lightning_eff.ranking.evaluator import _Context, _seed_from
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dm8():
+    dm = DigitsDataModule(image_size=8)
+    dm.setup("fit")
+    return dm
+
+
+def tiny_net(size: int = 8, width: int = 8) -> ConvNet:
+    return ConvNet(in_channels=1, num_classes=10, width=width, depth=1, image_size=size)
+
+
+def tiny(**kw) -> DDRanking:
+    """A tiny protocol: 2 runs, a 2-lr grid, 4 epochs, ARS with DSA."""
+    args = dict(
+        net=tiny_net(),
+        num_eval=2,
+        epochs=4,
+        lrs=[0.01, 0.05],
+        eval_every=2,
+        full_epochs=2,
+        augmentation="dsa",
+        device="cpu",
+        progress=False,
+        use_cache=False,
+    )
+    args.update(kw)
+    return DDRanking(**args)
+
+
+def prototypes(dm, ipc: int) -> SyntheticSet:
+    """Per class, the centres of ``ipc`` k-means clusters of its training images (class prototypes)."""
+    from sklearn.cluster import KMeans
+
+    images, labels = [], []
+    for c in range(dm.num_classes):
+        x = dm.class_images(c)
+        km = KMeans(ipc, n_init=1, random_state=0).fit(x.flatten(1).numpy())
+        images.append(torch.tensor(km.cluster_centers_, dtype=torch.float32).view(ipc, *x.shape[1:]))
+        labels.append(torch.full((ipc,), c))
+    return SyntheticSet(
+        torch.cat(images),
+        torch.cat(labels),
+        metadata={"method": "prototypes", "num_classes": 10, "dataset": type(dm).__name__},
+    )
+
+
+def scores(report: RankingReport) -> dict:
+    return {r.name: (r.metrics, r.runs) for r in report.results}
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol
+# ---------------------------------------------------------------------------------------------
+def test_random_real_set_scores_ior_near_zero_and_prototypes_above(dm8):
+    ranking = DDRanking(
+        net=tiny_net(),
+        num_eval=3,
+        epochs=20,
+        lrs=[0.01, 0.05],
+        eval_every=6,
+        augmentation="none",
+        metrics=["lrs"],
+        full_epochs=10,
+        device="cpu",
+        progress=False,
+        use_cache=False,
+        seed=0,
+    )
+    report = ranking.rank(
+        {"random": SyntheticSet.random_subset(dm8, 2, seed=12345), "prototypes": prototypes(dm8, 2)}, dm8
+    )
+    rand, proto = report["random"], report["prototypes"]
+    assert abs(rand.mean("ior")) < 0.06
+    assert proto.mean("ior") > 0.05 and proto.mean("ior") > rand.mean("ior") + 0.04
+    assert proto.mean("lrs") > rand.mean("lrs")
+    # both sets were compared with the same random subsets (shared trainings): identical random accuracies
+    assert [r["rdm_acc"] for r in rand.runs] == [r["rdm_acc"] for r in proto.runs]
+    # the per-run scores are the functional ones of the raw accuracies
+    for run in proto.runs:
+        assert run["hlr"] == pytest.approx(run["full_acc"] - run["syn_hard_acc"])
+        assert run["ior"] == pytest.approx(run["syn_acc"] - run["rdm_acc"])
+        assert run["lrs"] == pytest.approx(F.label_robust_score(run["hlr"], run["ior"]))
+        assert run["syn_acc"] == run["syn_hard_acc"]  # hard-label setting: the HLR run is the IOR run
+    assert "ars" not in proto.metrics
+
+
+def test_same_seed_same_report_and_other_seed_differs(dm8):
+    synset = SyntheticSet.from_noise(dm8, 2, seed=3)
+    a = tiny(seed=7).rank(synset, dm8)
+    b = tiny(seed=7).rank(synset, dm8)
+    c = tiny(seed=8).rank(synset, dm8)
+    assert scores(a) == scores(b)
+    assert a.full_data == b.full_data
+    assert scores(a) != scores(c)
+
+
+def test_shared_trainings_counts_and_cache_reuse(dm8, tmp_path):
+    s1, s2 = SyntheticSet.from_noise(dm8, 2, seed=1), SyntheticSet.random_subset(dm8, 2, seed=9)
+    ranking = tiny(use_cache=True, cache_dir=tmp_path / "cache")
+    report = ranking.rank({"noise": s1, "random": s2}, dm8)
+    runs, grid = 2, 2
+    # full (1 student) + random with and without augmentation (shared)
+    # + per set: syn and syn without augmentation
+    assert report.stats["trainings_run"] == 1 + 2 * runs * grid + 2 * (2 * runs * grid)
+    assert report.full_data["cached"] is False
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.json"))
+    assert len(files) == 1 + 2 * runs  # the full-data students and each random cell
+    entry = json.loads((tmp_path / "cache" / files[0]).read_text())
+    assert entry["format"] == "lightning-eff/ddranking-cache" and entry["key"] == files[0][:-5]
+
+    # a new evaluator (another process, another day) with the same protocol reuses all but the set's own runs
+    again = tiny(use_cache=True, cache_dir=tmp_path / "cache").rank({"noise": s1}, dm8)
+    assert again.stats["trainings_reused"] == 1 + 2 * runs * grid
+    assert again.stats["trainings_run"] == 2 * runs * grid
+    assert again.full_data["cached"] is True
+    assert scores(again)["noise"] == scores(report)["noise"]
+
+    # another student or another full-data recipe is another key: nothing reused
+    other = tiny(net=tiny_net(width=4), use_cache=True, cache_dir=tmp_path / "cache").rank({"noise": s1}, dm8)
+    assert other.stats["trainings_reused"] == 0
+    longer = tiny(full_epochs=3, use_cache=True, cache_dir=tmp_path / "cache", metrics=["lrs"]).rank(
+        {"noise": s1}, dm8
+    )
+    assert longer.full_data["cached"] is False
+
+
+def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatch):
+    import lightning_eff.ranking.evaluator as ev
+
+    real = ev.evaluate_synthetic
+
+    def failing(synset, *args, **kwargs):
+        if synset.metadata.get("method") == "boom":
+            raise RuntimeError("interrupted")
+        return real(synset, *args, **kwargs)
+
+    noise = SyntheticSet.from_noise(dm8, 2, seed=1, method="boom")
+    monkeypatch.setattr(ev, "evaluate_synthetic", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tiny(use_cache=True, cache_dir=tmp_path).rank({"noise": noise}, dm8)
+    monkeypatch.setattr(ev, "evaluate_synthetic", real)
+    resumed = tiny(use_cache=True, cache_dir=tmp_path).rank({"noise": noise}, dm8)
+    # the shared trainings run first and were cached as they finished: they are not run again
+    assert resumed.stats["trainings_reused"] == 1 + 2 * 2 * 2
+    assert scores(resumed) == scores(tiny().rank({"noise": noise}, dm8))
+
+
+def test_random_subsets_are_redrawn_per_run_with_the_sets_class_counts(dm8):
+    ranking = tiny()
+    ctx = _Context(ranking, dm8, tiny_net(), None, {}, torch.device("cpu"))
+    balanced = (3,) * 10
+    r0, r1 = ctx.random_subset(balanced, 0), ctx.random_subset(balanced, 1)
+    assert not torch.equal(r0.images, r1.images)
+    assert torch.bincount(r0.labels, minlength=10).tolist() == list(balanced)
+    # the balanced draw is SyntheticSet.random_subset with the run's derived seed
+    assert torch.equal(
+        r0.images, SyntheticSet.random_subset(dm8, 3, seed=_seed_from(ranking.seed, "subset", 0)).images
+    )
+    uneven = (1, 2, 3, 1, 2, 3, 1, 2, 3, 4)
+    r = ctx.random_subset(uneven, 0)
+    assert torch.bincount(r.labels, minlength=10).tolist() == list(uneven)
+
+
+def test_soft_labels_mode_s_and_m(dm8):
+    teacher = tiny_net(width=16)
+    base = SyntheticSet.random_subset(dm8, 2, seed=4)
+    soft = SyntheticSet(
+        base.images, base.labels, soft_labels=torch.randn(len(base), 10), metadata=dict(base.metadata)
+    )
+    # mode S: the stored soft labels for the set, the teacher's logits for the random subsets
+    rs = tiny(soft_label_mode="S", teacher=teacher, augmentation="cutmix", num_eval=1)
+    rep = rs.rank({"soft": soft}, dm8)
+    run = rep["soft"].runs[0]
+    assert {"syn_hard_acc", "syn_acc", "rdm_acc", "syn_noaug_acc"} <= set(run)
+    assert rep.protocol["label_setting"] == "soft (S)" and rep.protocol["teacher"] is not None
+    ctx = _Context(rs, dm8, tiny_net(), teacher, {}, torch.device("cpu"))
+    subset = ctx.random_subset((2,) * 10, 0)
+    with torch.no_grad():
+        assert torch.allclose(subset.soft_labels, teacher.eval()(subset.images))
+    # mode M: the teacher labels the batches; no stored soft labels needed
+    rm = tiny(
+        soft_label_mode="M", teacher=teacher, soft_loss="kl", temperature=2.0, num_eval=1, metrics=["lrs"]
+    )
+    rep_m = rm.rank({"hard_set": base}, dm8)
+    assert rep_m.protocol["soft_loss"] == "kl" and rep_m.protocol["temperature"] == 2.0
+    assert set(rep_m["hard_set"].metrics) == {"hlr", "ior", "lrs", "lrs_ddranking"}
+
+
+def test_privileged_information_is_used_for_the_synthetic_set(dm8):
+    base = SyntheticSet.from_noise(dm8, 2, seed=2)
+    # DRUPI attention labels: one value per channel of the student's encoder output (width 8)
+    features = torch.randn(len(base), 8, generator=torch.Generator().manual_seed(0)) * 3
+    priv = SyntheticSet(
+        base.images,
+        base.labels,
+        privileged=features,
+        metadata={**base.metadata, "privileged": {"kind": "attention", "pooling": "avg", "weight": 50.0}},
+    )
+    with_priv = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9).rank({"p": priv}, dm8)
+    without = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9, privileged_weight=0.0).rank(
+        {"p": priv}, dm8
+    )
+    plain = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9).rank({"p": base}, dm8)
+    assert scores(without) == scores(plain)  # weight 0: the privileged term is off
+    assert with_priv["p"].runs[0]["rdm_acc"] == plain["p"].runs[0]["rdm_acc"]  # the random side has none
+    assert with_priv["p"].runs[0]["syn_acc"] != plain["p"].runs[0]["syn_acc"]
+    assert with_priv.full_data == {"accuracy": 0.9, "accuracies": [0.9], "given": True, "cached": False}
+    assert with_priv["p"].runs[0]["hlr"] == pytest.approx(0.9 - with_priv["p"].runs[0]["syn_hard_acc"])
+
+
+def test_metric_subsets_and_syn_lr(dm8):
+    s = SyntheticSet.from_noise(dm8, 2, seed=5)
+    ars_only = tiny(metrics=["ars"], num_eval=1).rank(s, dm8)
+    assert set(ars_only.results[0].metrics) == {"ars", "with_aug", "without_aug", "ars_ddranking"}
+    assert ars_only.full_data == {} and ars_only.stats["trainings_run"] == 4 * 2  # no full-data training
+    learned = SyntheticSet(s.images, s.labels, lr=0.02, metadata=dict(s.metadata))
+    rep = tiny(syn_lr="synset", num_eval=1, metrics=["lrs"]).rank(learned, dm8)
+    assert rep.results[0].runs[0]["syn_lr"] == 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+def test_bad_sets_raise_clear_errors(dm8):
+    with pytest.raises(ValueError, match="IPC"):
+        tiny(ipc=5).rank(SyntheticSet.random_subset(dm8, 2), dm8)
+    wide = SyntheticSet(torch.randn(12, 1, 8, 8), torch.arange(12), metadata={"num_classes": 12})
+    with pytest.raises(ValueError, match=r"labels up to 11.*10 classes"):
+        tiny().rank(wide, dm8)
+    with pytest.raises(ValueError, match="shape"):
+        tiny().rank(SyntheticSet(torch.randn(10, 1, 16, 16), torch.arange(10)), dm8)
+    with pytest.raises(ValueError, match="soft_labels"):
+        tiny(soft_label_mode="S", teacher=tiny_net()).rank(SyntheticSet.random_subset(dm8, 1), dm8)
+    with pytest.raises(ValueError, match="learned learning rate"):
+        tiny(syn_lr="synset").rank(SyntheticSet.random_subset(dm8, 1), dm8)
+    with pytest.raises(TypeError, match="ClassificationDataModule"):
+        tiny().rank(SyntheticSet.random_subset(dm8, 1), object())
+    with pytest.raises(TypeError, match="SyntheticSet"):
+        tiny().rank({"x": torch.zeros(3)}, dm8)
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        tiny(soft_label_mode="M", teacher="/no/such/teacher.ckpt").rank(
+            SyntheticSet.random_subset(dm8, 1), dm8
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"soft_label_mode": "M"}, ValueError, "needs a `teacher`"),
+        ({"soft_label_mode": "S"}, ValueError, "needs a `teacher`"),
+        ({"teacher": torch.nn.Linear(2, 2)}, ValueError, "soft_label_mode=None"),
+        ({"soft_label_mode": "X"}, ValueError, "soft_label_mode"),
+        ({"num_eval": 0}, ValueError, "num_eval"),
+        ({"epochs": 2.5}, TypeError, "epochs"),
+        ({"lrs": []}, TypeError, "lrs"),
+        ({"lrs": [0.01, -1.0]}, ValueError, "lrs"),
+        ({"syn_lr": "best"}, ValueError, "syn_lr"),
+        ({"augmentation": "mixup"}, ValueError, "augmentation"),
+        ({"augmentation": None}, ValueError, "augmentation-robust"),
+        ({"metrics": ["lrs", "xyz"]}, ValueError, "metrics"),
+        ({"lrs_weight": 1.5}, ValueError, "lrs_weight"),
+        ({"soft_loss": "mse"}, ValueError, "soft_loss"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"momentum": 1.0}, ValueError, "momentum"),
+        ({"full_data_acc": 85.0}, ValueError, "full_data_acc"),
+        ({"dsa": "flip"}, TypeError, "dsa"),
+        ({"net": "ConvNet"}, TypeError, "net"),
+        ({"vectorize": "yes"}, ValueError, "vectorize"),
+        ({"ipc": 0}, ValueError, "ipc"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DDRanking(**kwargs)
+
+
+def test_callback_bad_arguments():
+    with pytest.raises(TypeError, match="evaluator"):
+        DDRankingCallback(evaluator={"epochs": 3})
+    with pytest.raises(ValueError, match="name"):
+        DDRankingCallback(name="")
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher checkpoints
+# ---------------------------------------------------------------------------------------------
+def test_teacher_from_a_lightning_checkpoint_and_a_state_dict(dm8, tmp_path):
+    model = ImageClassifier(tiny_net(width=6))
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    trainer.fit(model, datamodule=dm8)
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    teacher = load_teacher(tmp_path / "teacher.ckpt")  # the architecture comes from the checkpoint's config
+    assert isinstance(teacher, ConvNet) and teacher.width == 6 and not teacher.training
+    for (k, v), w in zip(teacher.state_dict().items(), model.net.state_dict().values()):
+        assert torch.equal(v, w), k
+    torch.save(model.net.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ValueError, match="template"):
+        load_teacher(tmp_path / "sd.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_teacher(tmp_path / "sd.pt", template=tiny_net(width=8))
+    from_sd = load_teacher(tmp_path / "sd.pt", template=tiny_net(width=6))
+    assert torch.equal(from_sd.classifier.weight, model.net.classifier.weight)
+    # a path works as `teacher` of the evaluator (mode M)
+    rep = tiny(
+        soft_label_mode="M",
+        teacher=str(tmp_path / "teacher.ckpt"),
+        num_eval=1,
+        metrics=["lrs"],
+        full_data_acc=0.95,
+    ).rank(SyntheticSet.random_subset(dm8, 1, seed=2), dm8)
+    assert rep.protocol["teacher"]["net"]["config"]["width"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# results: files and loggers
+# ---------------------------------------------------------------------------------------------
+def test_results_json_csv_roundtrip_and_loggers(dm8, tmp_path, monkeypatch):
+    rep = tiny(num_eval=2).rank({"a": SyntheticSet.from_noise(dm8, 1, seed=1)}, dm8)
+    paths = rep.save(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "ranking.csv",
+        "ranking.json",
+        "ranking_runs.csv",
+    ]
+    loaded = RankingReport.load(paths["json"])
+    assert scores(loaded) == scores(rep) and loaded.protocol["num_eval"] == 2
+    lines = paths["csv"].read_text().splitlines()
+    assert lines[0].split(",")[:4] == ["method", "ipc", "images", "hlr_mean"] and len(lines) == 2
+    assert float(lines[1].split(",")[lines[0].split(",").index("lrs_mean")]) == pytest.approx(
+        rep["a"].mean("lrs")
+    )
+    assert len(paths["runs_csv"].read_text().splitlines()) == 1 + 2
+    with pytest.raises(ValueError, match="not a DD-Ranking results file"):
+        RankingReport.from_dict({"format": "other"})
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    csv_logger = CSVLogger(tmp_path / "csv")
+    tb = TensorBoardLogger(tmp_path / "tb")
+    wb = WandbLogger(project="ranking-test", save_dir=str(tmp_path), offline=True)
+    tables, texts = [], []
+    monkeypatch.setattr(
+        wb, "log_table", lambda key, columns, data, step=None: tables.append((key, columns, data))
+    )
+    monkeypatch.setattr(wb, "log_metrics", lambda metrics, step=None: None)
+    monkeypatch.setattr(
+        tb.experiment, "add_text", lambda tag, text, global_step=None: texts.append((tag, text))
+    )
+    assert log_report([csv_logger, tb, wb], rep, step=3) == ["tensorboard", "wandb"]
+    key, columns, data = tables[0]
+    assert key == "ranking/table" and columns == rep.columns() and data[0][0] == "a"
+    assert texts[0][0] == "ranking/table" and "| a |" in texts[0][1]
+    csv_logger.save()
+    header = (Path(csv_logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "ranking/a/lrs" in header and "ranking/a/ars_std" in header
+
+
+# ---------------------------------------------------------------------------------------------
+# the callback after a distillation fit
+# ---------------------------------------------------------------------------------------------
+def test_callback_ranks_the_set_after_a_distillation_fit(dm8, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = DDRankingCallback(tiny(num_eval=1, full_data_acc=0.9))
+    module = DistributionMatching(tiny_net(), ipc=2, batch_real=16)
+    logger = CSVLogger(tmp_path / "logs")
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[cb],
+    )
+    trainer.fit(module, datamodule=dm8)
+    assert cb.report is not None and cb.report.names == ["dm"]
+    assert cb.report["dm"].metadata["ipc"] == 2 and cb.report["dm"].metadata["method"] == "dm"
+    folder = Path(logger.log_dir) / "ranking"
+    assert cb.paths["json"] == folder / "ranking.json" and (folder / "ranking.csv").is_file()
+    # the ranked set is the module's final set
+    saved = SyntheticSet.load(Path(logger.log_dir) / "synthetic_set.pt")
+    assert cb.report["dm"].metadata["images"] == len(saved)
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "ranking/dm/lrs" in header
+    # the report travels in the callback state
+    state = cb.state_dict()
+    fresh = DDRankingCallback()
+    fresh.load_state_dict(json.loads(json.dumps(state)))
+    assert scores(fresh.report) == scores(cb.report)
+
+
+def test_callback_refuses_a_module_without_a_synthetic_set(dm8, tmp_path):
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[DDRankingCallback(tiny())],
+    )
+    with pytest.raises(TypeError, match="synthetic_set"):
+        trainer.fit(ImageClassifier(tiny_net()), datamodule=dm8)
+
+
+def test_end_to_end_fit_through_the_real_cli_with_the_ranking_config(tmp_path, monkeypatch):
+    from lightning_eff.cli import LightningEffCLI
+
+    monkeypatch.setattr(sys, "argv", ["lightning-eff"])
+    ev = "--trainer.callbacks.init_args.evaluator.init_args."
+    LightningEffCLI(
+        args=[
+            "fit",
+            "--config",
+            str(ROOT / "configs/distill/dm_digits_ipc10.yaml"),
+            "--config",
+            str(ROOT / "configs/ranking/digits_quick.yaml"),
+            "--trainer.max_steps=2",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.ipc=1",
+            "--model.init_args.batch_real=16",
+            "--model.init_args.net.init_args.width=8",
+            f"{ev}net.init_args.width=8",
+            f"{ev}net.init_args.depth=2",
+            f"{ev}num_eval=1",
+            f"{ev}epochs=2",
+            f"{ev}eval_every=1",
+            f"{ev}lrs=[0.01]",
+            f"{ev}full_epochs=1",
+            f"{ev}cache_dir={tmp_path / 'cache'}",
+            f"{ev}progress=false",
+        ]
+    )
+    data = json.loads((tmp_path / "ranking" / "ranking.json").read_text())
+    assert data["format"] == "lightning-eff/ddranking-results"
+    assert data["results"][0]["name"] == "dm" and data["results"][0]["metadata"]["ipc"] == 1
+    assert data["protocol"]["epochs"] == 2 and data["protocol"]["augmentation"] == "dsa"
+    assert 0.0 <= data["results"][0]["metrics"]["lrs"]["mean"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the `lightning-eff rank` command
+# ---------------------------------------------------------------------------------------------
+def _rank_args(tmp_path, *extra: str) -> list[str]:
+    ev = "--trainer.callbacks.init_args.evaluator.init_args."
+    return [
+        "--config",
+        str(ROOT / "configs/ranking/digits_quick.yaml"),
+        f"{ev}net.init_args.width=8",
+        f"{ev}net.init_args.depth=2",
+        f"{ev}num_eval=1",
+        f"{ev}epochs=2",
+        f"{ev}eval_every=1",
+        f"{ev}lrs=[0.01,0.05]",
+        f"{ev}full_epochs=1",
+        f"{ev}cache_dir={tmp_path / 'cache'}",
+        f"{ev}progress=false",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.accelerator=cpu",
+        *extra,
+    ]
+
+
+def test_rank_command_ranks_saved_sets(tmp_path, capsys):
+    from lightning_eff.ranking.cli import main
+
+    dm = DigitsDataModule(image_size=16)
+    SyntheticSet.random_subset(dm, 1, seed=3).save(tmp_path / "a.pt")
+    SyntheticSet.from_noise(dm, 1, seed=3).save(tmp_path / "b.pt")
+    rc = main(
+        _rank_args(
+            tmp_path, "--synthetic", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--name", "real", "noise"
+        )
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| real | 1 |" in out and "| noise | 1 |" in out and "ranking.json" in out
+    report = RankingReport.load(tmp_path / "ranking" / "ranking.json")
+    assert report.names == ["real", "noise"] and report.stats["trainings_run"] == 1 + 2 * 2 + 2 * 2 * 2
+    # the same command again, composed with a distillation config (its model/optimizer keys are ignored): the
+    # full-data and random-real trainings come from the cache file
+    args = ["--config", str(ROOT / "configs/distill/dm_digits_ipc10.yaml"), *_rank_args(tmp_path)]
+    assert main([*args, "--synthetic", str(tmp_path / "a.pt"), "--output_dir", str(tmp_path / "o2")]) == 0
+    again = RankingReport.load(tmp_path / "o2" / "ranking.json")
+    assert again.names == ["random_real"] and again.stats["trainings_reused"] == 1 + 2 * 2
+    assert again.results[0].runs == report["real"].runs
+
+
+def test_rank_command_errors(tmp_path, capsys):
+    from lightning_eff.ranking.cli import main
+
+    assert main(_rank_args(tmp_path, "--synthetic", str(tmp_path / "missing.pt"))) == 1
+    assert "no synthetic set" in capsys.readouterr().err
+    dm = DigitsDataModule(image_size=8)  # 8 px set, 16 px config
+    SyntheticSet.random_subset(dm, 1).save(tmp_path / "small.pt")
+    assert main(_rank_args(tmp_path, "--synthetic", str(tmp_path / "small.pt"))) == 1
+    assert "shape" in capsys.readouterr().err
+    assert main(_rank_args(tmp_path, "--synthetic", str(tmp_path / "small.pt"), "--name", "a", "b")) == 1
+    assert "--name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(ROOT / "configs/ranking/digits_quick.yaml")])  # --synthetic is required
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: trainings spread over 2 CPU processes (gloo) and gathered
+# ---------------------------------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as td
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = DigitsDataModule(image_size=8)
+        rep = tiny(num_eval=2).rank({"noise": SyntheticSet.from_noise(dm, 1, seed=1)}, dm)
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(rep.to_dict()))
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_spreads_trainings_and_every_rank_gets_the_same_report(dm8, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["results"] == r1["results"] and r0["stats"]["world_size"] == 2
+    by_rank = r0["stats"]["trainings_by_rank"]
+    assert len(by_rank) == 2 and min(by_rank) > 0 and sum(by_rank) == r0["stats"]["trainings_run"]
+    single = tiny(num_eval=2).rank({"noise": SyntheticSet.from_noise(dm8, 1, seed=1)}, dm8)
+    # the shared cells (full data, random subsets) have seeds of their own: same accuracies on 1 or 2 ranks
+    assert r0["full_data"]["accuracies"] == single.full_data["accuracies"]
+    for a, b in zip(r0["results"][0]["runs"], single["noise"].runs):
+        assert a["rdm_acc"] == b["rdm_acc"] and a["rdm_noaug_acc"] == b["rdm_noaug_acc"]
