@@ -1,0 +1,573 @@
+"""Applying a selector inside a ``transformers`` decoder (Llama, Qwen2, Mistral families) with forward hooks.
+
+DART paper (arXiv 2502.11494) Sec. 3.3 / official ``modeling_llama_self.py``: at layer K the hidden states, the
+attention mask and the position ids are sliced to the kept tokens; the position ids keep their original
+values, so RoPE positions have gaps; layers >= K (and their KV cache) see the shorter sequence.
+
+The official code forks the modeling file (pinned to an old ``transformers``) and asserts batch size 1. Here
+nothing is copied: :class:`DecoderTokenPruner` registers
+
+* a pre/post hook on the decoder model (``LlamaModel``/``Qwen2Model``/``MistralModel``) to see the call's
+  ``input_ids`` and 2-D ``attention_mask`` (padding) and to time the prefill;
+* hooks on layer K-1 to capture what the selector needs (key states from ``k_proj``, RoPE'd here;
+  attention weights for FastV);
+* a pre-hook on every layer >= K that replaces the hidden states (layer K only), ``position_ids``,
+  ``position_embeddings`` (cos/sin gathered at the kept positions) and the attention mask.
+
+KV cache: layers < K cache all ``L`` tokens, layers >= K cache ``L'``. The cache's reported length (layer 0)
+stays ``L``, so ``generate`` keeps numbering new tokens from the original positions. In later calls
+(decoding) the 4-D mask the model builds for ``L + t`` keys is re-indexed for layers >= K to the kept
+prefix columns plus the new ones (the pruning record is stored per cache object). This works for eager and
+SDPA attention, for padded batches (left or right padding; each sequence keeps the same number of tokens, so
+the pruned length is the same across the batch) and for the ``DynamicCache`` that ``generate`` and
+``forward(use_cache=True)`` use.
+
+Not supported (clear errors): FlashAttention/flex attention (they take no 4-D mask), static or
+sliding-window caches beyond the window, beam search with a non-deterministic selector (:class:`Random`)
+because beams of one prompt would keep different tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_eff.tokens.api import Selection, SelectionContext, TokenSelector, build_keep_index
+
+__all__ = ["DecoderTokenPruner", "PruneRecord", "find_decoder", "SUPPORTED_ATTENTION"]
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def _is_decoder(m: nn.Module) -> bool:
+    layers = getattr(m, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return False
+    attn = getattr(layers[0], "self_attn", None)
+    return (
+        attn is not None
+        and isinstance(getattr(attn, "k_proj", None), nn.Linear)
+        and isinstance(getattr(m, "norm", None), nn.Module)
+        and getattr(m, "config", None) is not None
+    )
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential, list, tuple)):
+            obj = obj[int(part)]
+        elif hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            raise ValueError(f"`model_path`={path!r}: {type(obj).__name__} has no attribute {part!r}.")
+    return obj
+
+
+def find_decoder(module: nn.Module, path: str | None = None) -> nn.Module:
+    """The decoder stack (``LlamaModel``-like: ``.layers[i].self_attn.k_proj``, ``.norm``, ``.config``).
+
+    Args:
+        module: a ``transformers`` model, or any module (e.g. a ``LightningModule``) that contains one.
+        path: optional attribute path from ``module`` (``"model"``, ``"net.model"``); a ``*ForCausalLM``
+            found there is unwrapped to its decoder.
+
+    Raises:
+        ValueError: nothing with that structure (e.g. GPT-2, which has ``.h`` and fused ``c_attn``).
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                                   num_hidden_layers=2, num_attention_heads=2))
+        >>> type(find_decoder(lm)).__name__
+        'LlamaModel'
+    """
+    root = _get_path(module, path) if path else module
+    if not isinstance(root, nn.Module):
+        raise ValueError(f"`model_path`={path!r} points to a {type(root).__name__}, not an nn.Module.")
+    for m in root.modules():
+        if _is_decoder(m):
+            return m
+    raise ValueError(
+        f"unsupported architecture {type(root).__name__}: no decoder with the Llama/Qwen2/Mistral layout "
+        f"(`.layers[i].self_attn.k_proj`, `.norm`, `.config`) was found"
+        + (f" at model_path={path!r}" if path else "")
+        + ". Supported: transformers Llama, Qwen2, Qwen3, Mistral (and models with the same layout)."
+    )
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class PruneRecord:
+    """One pruned prefill: sizes (for kept-ratio and FLOPs metrics) and the kept positions."""
+
+    batch_size: int
+    seq_len: int
+    kept_len: int
+    span_len: int
+    span_kept: int
+    layer: int
+    num_layers: int
+    keep_index: Tensor
+    latency_ms: float | None = None
+
+
+@dataclass
+class _State:
+    """Per-cache record of a pruned prefill: which cache slots layers >= K hold."""
+
+    kept_cols: Tensor  # [B, past + L'] slot indices (layer-0 coordinates) held by layers >= K
+    end: int  # first slot after the pruned call
+
+
+@dataclass
+class _Call:
+    input_ids: Tensor | None
+    mask2d: Tensor | None
+    t0: float | None = None
+    captured: dict = field(default_factory=dict)
+    sub: dict | None = None
+    hidden: Tensor | None = None
+    record: PruneRecord | None = None
+
+
+class DecoderTokenPruner:
+    """Prunes a span of tokens (image tokens) inside a ``transformers`` decoder at layer K.
+
+    Args:
+        selector: the :class:`~lightning_eff.tokens.TokenSelector` (DART, Random, FastV, Pool, ...).
+        layer: K, the first layer that sees the pruned sequence (>= 1; DART default 2).
+        image_token_id: the compressible span is the (contiguous) run of this token id in ``input_ids``.
+        span: ``(start, length)`` or ``([start_b, ...], length)``: the span by positions in the prefill call's
+            input (needed when the model is called with ``inputs_embeds``).
+        grid: ``(h, w)`` layout of the span for grid-aware selectors (:class:`Pool`).
+        measure_latency: time every prefill call (synchronising CUDA), stored in ``PruneRecord.latency_ms``.
+
+    The span can also be set per call with :meth:`set_span`. Use as a context manager or ``attach``/``detach``.
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from lightning_eff.tokens import DART
+        >>> _ = torch.manual_seed(0)
+        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+        ...                                   num_hidden_layers=4, num_attention_heads=4)).eval()
+        >>> ids = torch.tensor([[1, 2] + [31] * 40 + [3, 4, 5, 6, 7]])
+        >>> with DecoderTokenPruner(DART(num_kept=16), layer=2, image_token_id=31).attach(lm) as pruner:
+        ...     out = lm(ids)
+        >>> pruner.last_record.kept_len, out.logits.shape[1]   # 47 - 40 + (4 + 8 * 2)
+        (27, 27)
+    """
+
+    def __init__(
+        self,
+        selector: TokenSelector,
+        layer: int = 2,
+        image_token_id: int | None = None,
+        span: tuple[Any, int] | None = None,
+        grid: tuple[int, int] | None = None,
+        measure_latency: bool = False,
+    ) -> None:
+        if not isinstance(selector, TokenSelector):
+            raise TypeError(
+                f"DecoderTokenPruner: `selector` must be a TokenSelector (DART, Random, FastV, Pool, ...), "
+                f"got {selector!r}."
+            )
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ValueError(f"DecoderTokenPruner: `layer` must be an int >= 1 (K), got {layer!r}.")
+        if image_token_id is not None and span is not None:
+            raise ValueError("DecoderTokenPruner: give `image_token_id` or `span`, not both.")
+        if image_token_id is not None and (
+            isinstance(image_token_id, bool) or not isinstance(image_token_id, int)
+        ):
+            raise TypeError(f"DecoderTokenPruner: `image_token_id` must be an int, got {image_token_id!r}.")
+        self.selector = selector
+        self.layer = layer
+        self.image_token_id = image_token_id
+        self.span = None
+        if span is not None:
+            self.set_span(*span)
+        self.grid = None if grid is None else tuple(grid)
+        self.measure_latency = bool(measure_latency)
+        self.records: list[PruneRecord] = []
+        self.prefill_ms: list[float] = []
+        self.decoder: nn.Module | None = None
+        self._handles: list[Any] = []
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._call: _Call | None = None
+
+    # ------------------------------------------------------------------------------------------ span
+    def set_span(self, start: Any, length: int) -> None:
+        """Set the span by positions: ``start`` an int or one int per sequence, ``length`` an int >= 1."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"DecoderTokenPruner: span length must be an int >= 1, got {length!r}.")
+        starts = torch.as_tensor(start, dtype=torch.long).reshape(-1)
+        if starts.numel() == 0 or bool((starts < 0).any()):
+            raise ValueError(f"DecoderTokenPruner: span start must be >= 0, got {start!r}.")
+        self.span = (starts, length)
+
+    # ------------------------------------------------------------------------------------------ attach
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, model: nn.Module, model_path: str | None = None) -> DecoderTokenPruner:
+        """Register the hooks on the decoder found in ``model`` (see :func:`find_decoder`)."""
+        if self.attached:
+            raise RuntimeError("DecoderTokenPruner: already attached; call detach() first.")
+        decoder = find_decoder(model, model_path)
+        n = len(decoder.layers)
+        if self.layer >= n:
+            raise ValueError(
+                f"DecoderTokenPruner: `layer`={self.layer} is beyond the decoder's depth: it has {n} layers, "
+                f"so K must be in [1, {n - 1}]."
+            )
+        self._check_attention(decoder)
+        self.decoder = decoder
+        h = self._handles
+        h.append(decoder.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+        h.append(decoder.register_forward_hook(self._model_post, with_kwargs=True, always_call=True))
+        prev = decoder.layers[self.layer - 1]
+        if self.selector.needs_keys:
+            h.append(prev.self_attn.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
+            h.append(prev.self_attn.k_proj.register_forward_hook(self._capture_keys))
+        if self.selector.needs_attentions:
+            h.append(prev.self_attn.register_forward_hook(self._capture_attn))
+        for i in range(self.layer, n):
+            h.append(decoder.layers[i].register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; the model is exactly as before :meth:`attach`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._call = None
+        self.decoder = None
+        self._states = weakref.WeakKeyDictionary()
+
+    def __enter__(self) -> DecoderTokenPruner:
+        if not self.attached:
+            raise RuntimeError("DecoderTokenPruner: use `with pruner.attach(model):`.")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def _check_attention(self, decoder: nn.Module) -> None:
+        impl = getattr(decoder.config, "_attn_implementation", None) or "eager"
+        if impl not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"DecoderTokenPruner: attention implementation {impl!r} is not supported; use one of "
+                f"{SUPPORTED_ATTENTION} (FlashAttention and flex attention take no 4-D mask to re-index)."
+            )
+        if self.selector.needs_attentions and impl != "eager":
+            raise ValueError(
+                f"DecoderTokenPruner: {type(self.selector).__name__} needs attention weights, which only "
+                f"attn_implementation='eager' returns (the model uses {impl!r}); load it with "
+                f"attn_implementation='eager' or use an attention-free selector such as DART."
+            )
+
+    # ------------------------------------------------------------------------------------------ records
+    @property
+    def last_record(self) -> PruneRecord | None:
+        return self.records[-1] if self.records else None
+
+    @property
+    def last_keep_index(self) -> Tensor | None:
+        """``[B, L']`` positions (in the pruned call's input) that the last pruned call kept."""
+        return self.records[-1].keep_index if self.records else None
+
+    def pop_records(self) -> list[PruneRecord]:
+        out, self.records = self.records, []
+        return out
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() != 2:
+            mask = None
+        self._call = _Call(input_ids if isinstance(input_ids, Tensor) else None, mask)
+        embeds = kwargs.get("inputs_embeds")
+        q = (
+            input_ids.shape[1]
+            if isinstance(input_ids, Tensor)
+            else (embeds.shape[1] if embeds is not None else 0)
+        )
+        if self.measure_latency and q > 1:
+            self._sync()
+            self._call.t0 = time.perf_counter()
+
+    def _model_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call, self._call = self._call, None
+        if call is None or call.t0 is None:
+            return
+        self._sync()
+        ms = (time.perf_counter() - call.t0) * 1e3
+        self.prefill_ms.append(ms)
+        if call.record is not None:
+            call.record.latency_ms = ms
+
+    def _sync(self) -> None:
+        if self.decoder is not None and torch.cuda.is_available():
+            p = next(self.decoder.parameters(), None)
+            if p is not None and p.is_cuda:
+                torch.cuda.synchronize(p.device)
+
+    def _capture_rope(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._call is not None:
+            self._call.captured["rope"] = kwargs.get("position_embeddings")
+            self._call.captured["attn_module"] = module
+
+    def _capture_keys(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self._call is not None:
+            self._call.captured["k_proj"] = output
+
+    def _capture_attn(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._call is not None and isinstance(output, tuple) and len(output) > 1:
+            self._call.captured["attn"] = output[1]
+
+    def _make_layer_hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            call = self._call
+            if call is None:
+                return None
+            if idx == self.layer:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._at_layer_k(call, hidden, kwargs)
+            if not call.sub:
+                return None
+            kwargs = {**kwargs, **call.sub}
+            if idx == self.layer and call.hidden is not None:
+                if args:
+                    args = (call.hidden, *args[1:])
+                else:
+                    kwargs["hidden_states"] = call.hidden
+            return args, kwargs
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------ layer K
+    def _at_layer_k(self, call: _Call, hidden: Tensor, kwargs: dict) -> None:
+        call.sub, call.hidden = {}, None
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        self._check_cache(cache)
+        b, q = hidden.shape[:2]
+        past = int(cache.get_seq_length(0)) - q if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, Tensor):
+            raise ValueError(f"DecoderTokenPruner: unsupported attention mask type {type(mask).__name__}.")
+        if mask is not None and mask.shape[-1] != past + q:
+            raise ValueError(
+                f"DecoderTokenPruner: the attention mask covers {mask.shape[-1]} keys but the cache holds "
+                f"{past + q}; only DynamicCache is supported."
+            )
+        self._check_window(past + q)
+        state = self._states.get(cache) if cache is not None else None
+        if state is not None:  # decoding after a pruned prefill: re-index the mask for layers >= K
+            cols = torch.cat(
+                [state.kept_cols, torch.arange(state.end, past + q, device=hidden.device).expand(b, -1)],
+                dim=1,
+            )
+            if mask is not None:
+                call.sub["attention_mask"] = self._gather_mask(mask, b, None, cols)
+            elif q > 1:
+                call.sub["attention_mask"] = self._causal_mask(cols, past, q, hidden.dtype)
+            return
+        if q == 1:
+            return
+        span = self._resolve_span(call, b, q, hidden.device)
+        if span is None:
+            return
+        starts, length = span
+        ctx = self._context(call, hidden, starts, length, past, q)
+        sel = self.selector.select(ctx)
+        kept = self._check_selection(sel, b, starts, length)
+        keep = build_keep_index(starts, length, q, kept)  # [B, L']
+        h = hidden
+        if sel.values is not None:
+            h = hidden.scatter(
+                1, kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), sel.values.to(hidden.dtype)
+            )
+        call.hidden = h.gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        pos_ids = kwargs.get("position_ids")
+        if pos_ids is not None:
+            call.sub["position_ids"] = pos_ids.expand(b, -1).gather(1, keep)
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            call.sub["position_embeddings"] = tuple(
+                t.expand(b, -1, -1).gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in pe
+            )
+        cache_pos = kwargs.get("cache_position")
+        if cache_pos is not None:  # transformers 4.x
+            if b > 1 and not bool((keep == keep[:1]).all()):
+                raise NotImplementedError(
+                    "DecoderTokenPruner: with this transformers version (cache_position) the sequences of a "
+                    "batch must keep the same positions; upgrade transformers or use batch size 1."
+                )
+            call.sub["cache_position"] = cache_pos[keep[0]]
+        cols = torch.cat([torch.arange(past, device=hidden.device).expand(b, -1), keep + past], dim=1)
+        call.sub["attention_mask"] = None if mask is None else self._gather_mask(mask, b, keep, cols)
+        if cache is not None:
+            self._states[cache] = _State(kept_cols=cols, end=past + q)
+        n = len(self.decoder.layers)
+        call.record = PruneRecord(b, q, int(keep.shape[1]), length, int(kept.shape[1]), self.layer, n, keep)
+        self.records.append(call.record)
+
+    def _check_cache(self, cache: Any) -> None:
+        if cache is None:
+            return
+        from transformers.cache_utils import DynamicCache
+
+        if not isinstance(cache, DynamicCache):
+            raise TypeError(
+                f"DecoderTokenPruner: the KV cache is a {type(cache).__name__}; only DynamicCache (the default "
+                f"of generate and forward) is supported, since layers >= K hold fewer tokens."
+            )
+
+    def _check_window(self, total: int) -> None:
+        cfg = self.decoder.config
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and total > window:
+            raise NotImplementedError(
+                f"DecoderTokenPruner: the sequence ({total} tokens) exceeds the sliding window ({window}); "
+                f"pruning with sliding-window attention beyond the window is not supported."
+            )
+
+    def _resolve_span(self, call: _Call, b: int, q: int, device: torch.device) -> tuple[Tensor, int] | None:
+        if self.image_token_id is not None:
+            ids = call.input_ids
+            if ids is None:
+                raise ValueError(
+                    "DecoderTokenPruner: `image_token_id` needs `input_ids`, but the model was called with "
+                    "`inputs_embeds`; give the span by positions (`span=` or set_span())."
+                )
+            is_img = ids[:, -q:] == self.image_token_id
+            counts = is_img.sum(1)
+            if int(counts.max()) == 0:
+                return None
+            if int(counts.min()) != int(counts.max()):
+                raise ValueError(
+                    f"DecoderTokenPruner: the sequences of the batch hold {counts.tolist()} image tokens "
+                    f"(id {self.image_token_id}); every sequence must hold the same number."
+                )
+            length = int(counts[0])
+            starts = is_img.to(torch.int8).argmax(1)
+            run = torch.arange(length, device=ids.device) + starts.reshape(-1, 1)
+            if not bool(is_img.gather(1, run.clamp_max(q - 1)).all()):
+                raise ValueError(
+                    f"DecoderTokenPruner: the image tokens (id {self.image_token_id}) of a sequence are not "
+                    f"contiguous; DART needs one span per sequence."
+                )
+            return starts.to(device), length
+        if self.span is None:
+            raise ValueError(
+                "DecoderTokenPruner: no span: give `image_token_id`, `span=(start, length)` or call set_span()."
+            )
+        starts, length = self.span
+        if starts.numel() == 1:
+            starts = starts.expand(b)
+        elif starts.numel() != b:
+            raise ValueError(f"DecoderTokenPruner: {starts.numel()} span starts for a batch of {b}.")
+        if int(starts.max()) + length > q:
+            raise ValueError(
+                f"DecoderTokenPruner: span [{int(starts.max())}, {int(starts.max()) + length}) is out of range "
+                f"for an input of {q} tokens."
+            )
+        return starts.to(device), length
+
+    def _context(
+        self, call: _Call, hidden: Tensor, starts: Tensor, length: int, past: int, q: int
+    ) -> SelectionContext:
+        b = hidden.shape[0]
+        valid = torch.ones(b, q, dtype=torch.bool, device=hidden.device)
+        if call.mask2d is not None:
+            valid = call.mask2d[:, -q:].to(device=hidden.device, dtype=torch.bool)
+        self.selector.check_span(length)
+        ctx = SelectionContext(hidden=hidden, span_start=starts, span_len=length, valid=valid, grid=self.grid)
+        if self.selector.needs_normed:
+            ctx.normed = self.decoder.norm(hidden)
+        if self.selector.needs_keys:
+            ctx.keys = self._keys(call, b, q)
+        if self.selector.needs_attentions:
+            attn = call.captured.get("attn")
+            if attn is None:
+                raise ValueError(
+                    f"{type(self.selector).__name__}: layer K-1 returned no attention weights; run the model "
+                    f"with attn_implementation='eager'."
+                )
+            if attn.shape[-1] != past + q:
+                raise ValueError("DecoderTokenPruner: unexpected attention shape at layer K-1.")
+            ctx.attentions = attn[..., past:]
+        return ctx
+
+    def _keys(self, call: _Call, b: int, q: int) -> Tensor:
+        """Key states of layer K-1 after RoPE and repeat_kv, heads concatenated: ``[B, q, H*d]``."""
+        k = call.captured.get("k_proj")
+        attn = call.captured.get("attn_module")
+        if k is None or attn is None:
+            raise RuntimeError("DecoderTokenPruner: the key states of layer K-1 were not captured.")
+        cfg = self.decoder.config
+        d = attn.head_dim
+        k = k.view(b, q, -1, d)  # [B, q, Hkv, d]
+        if hasattr(attn, "k_norm"):  # Qwen3 normalises keys per head before RoPE
+            k = attn.k_norm(k)
+        rope = call.captured.get("rope")
+        if rope is not None:
+            cos, sin = (t.unsqueeze(2) for t in rope)  # [B|1, q, 1, d]
+            k = k * cos + _rotate_half(k) * sin
+        n_rep = cfg.num_attention_heads // getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=2)
+        return k.reshape(b, q, -1)
+
+    def _check_selection(self, sel: Selection, b: int, starts: Tensor, length: int) -> Tensor:
+        kept = sel.indices
+        expected = self.selector.num_kept_for(length)
+        if (
+            not isinstance(sel, Selection)
+            or kept.dim() != 2
+            or kept.shape[0] != b
+            or kept.shape[1] != expected
+        ):
+            raise ValueError(
+                f"{type(self.selector).__name__}.select returned indices of shape {tuple(kept.shape)}; "
+                f"expected [{b}, {expected}]."
+            )
+        rel = kept - starts.reshape(-1, 1)
+        if bool(((rel < 0) | (rel >= length)).any()) or (
+            kept.shape[1] > 1 and bool((kept.diff(dim=1) <= 0).any())
+        ):
+            raise ValueError(
+                f"{type(self.selector).__name__}.select must return sorted, distinct positions inside the span."
+            )
+        return kept
+
+    @staticmethod
+    def _gather_mask(mask: Tensor, b: int, rows: Tensor | None, cols: Tensor) -> Tensor:
+        m = mask.expand(b, -1, -1, -1)
+        if rows is not None:
+            m = m.gather(2, rows[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+        return m.gather(3, cols[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
+
+    def _causal_mask(self, cols: Tensor, past: int, q: int, dtype: torch.dtype) -> Tensor:
+        """Materialised causal mask over re-indexed keys (only for multi-token calls after a pruned prefill)."""
+        qpos = torch.arange(past, past + q, device=cols.device)
+        allowed = cols[:, None, None, :] <= qpos[None, None, :, None]  # [B, 1, q, K]
+        if getattr(self.decoder.config, "_attn_implementation", "eager") == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=cols.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )

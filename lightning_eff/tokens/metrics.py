@@ -1,0 +1,153 @@
+"""Efficiency metrics of token compression as ``torchmetrics.Metric`` s (summed states, so they reduce across
+DDP ranks): kept-token ratio, estimated FLOPs saved, prefill latency.
+
+FLOPs are estimated per layer as in FastV (arXiv 2403.06764, Sec. 4.3), written for grouped-query attention
+and gated MLPs: for ``n`` tokens, hidden size ``d``, ``H`` query and ``H_kv`` key/value heads of size
+``d_h`` and MLP width ``m``::
+
+    2 n d (2 H d_h + 2 H_kv d_h)   +   2 * 2 n^2 H d_h   +   2 n d m (3 gated | 2 plain)
+
+(projections, ``QK^T`` and ``AV`` over the full ``n x n`` square as FastV counts them, and the MLP). The
+position paper (arXiv 2505.19147) asks for accuracy *and* real cost; the latency metric measures the latter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["KeptTokenRatio", "FLOPsSaved", "PrefillLatency", "decoder_flops", "layer_flops", "config_dims"]
+
+
+def layer_flops(
+    n: int,
+    hidden: int,
+    intermediate: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    gated: bool = True,
+) -> float:
+    """Estimated FLOPs of one transformer layer on ``n`` tokens (see the module docstring).
+
+    Example::
+
+        >>> layer_flops(1, hidden=2, intermediate=4, num_heads=1, num_kv_heads=1, head_dim=2, gated=False)
+        72.0
+    """
+    proj = 2.0 * n * hidden * (2 * num_heads * head_dim + 2 * num_kv_heads * head_dim)
+    attn = 4.0 * n * n * num_heads * head_dim
+    mlp = 2.0 * n * hidden * intermediate * (3 if gated else 2)
+    return proj + attn + mlp
+
+
+def config_dims(config: Any, gated: bool = True) -> dict[str, Any]:
+    """Sizes for :func:`layer_flops` from a ``transformers`` config (gated MLP: Llama/Qwen2/Mistral; ViT: not)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "hidden": config.hidden_size,
+        "intermediate": config.intermediate_size,
+        "num_heads": heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "gated": gated,
+    }
+
+
+def decoder_flops(seq_lens: Sequence[int], **dims: Any) -> float:
+    """Total estimated FLOPs over layers that see ``seq_lens[i]`` tokens each.
+
+    Example::
+
+        >>> dims = dict(hidden=64, intermediate=128, num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> full, pruned = decoder_flops([100] * 4, **dims), decoder_flops([100, 100, 30, 30], **dims)
+        >>> round(1 - pruned / full, 3)
+        0.377
+    """
+    return float(sum(layer_flops(n, **dims) for n in seq_lens))
+
+
+class KeptTokenRatio(Metric):
+    """Fraction of the compressible (image) tokens that survive: ``sum kept / sum span``.
+
+    Example::
+
+        >>> m = KeptTokenRatio(); m.update(64, 576); m.update(128, 576)
+        >>> round(float(m.compute()), 4)
+        0.1667
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("kept", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, kept: float | Tensor, total: float | Tensor) -> None:
+        self.kept += torch.as_tensor(kept, dtype=torch.float64, device=self.device).sum()
+        self.total += torch.as_tensor(total, dtype=torch.float64, device=self.device).sum()
+
+    def compute(self) -> Tensor:
+        return (self.kept / self.total.clamp_min(1.0)).float()
+
+
+class FLOPsSaved(Metric):
+    """Estimated fraction of prefill FLOPs saved: ``1 - sum FLOPs(pruned) / sum FLOPs(full)``.
+
+    Example::
+
+        >>> m = FLOPsSaved(); m.update(full=100.0, pruned=40.0)
+        >>> float(m.compute())
+        0.6000000238418579
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("full", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("pruned", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, full: float | Tensor, pruned: float | Tensor) -> None:
+        self.full += torch.as_tensor(full, dtype=torch.float64, device=self.device).sum()
+        self.pruned += torch.as_tensor(pruned, dtype=torch.float64, device=self.device).sum()
+
+    def compute(self) -> Tensor:
+        if float(self.full) == 0.0:
+            return torch.tensor(0.0)
+        return (1.0 - self.pruned / self.full).float()
+
+
+class PrefillLatency(Metric):
+    """Mean prefill latency in milliseconds.
+
+    Example::
+
+        >>> m = PrefillLatency(); m.update(10.0); m.update(20.0)
+        >>> float(m.compute())
+        15.0
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total_ms", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, ms: float | Tensor) -> None:
+        ms = torch.as_tensor(ms, dtype=torch.float64, device=self.device).reshape(-1)
+        self.total_ms += ms.sum()
+        self.count += ms.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total_ms / self.count.clamp_min(1.0)).float()
