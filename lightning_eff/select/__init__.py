@@ -1,0 +1,58 @@
+"""Data selection for LLM fine-tuning: Data Whisperer and its baselines as a ``LightningDataModule``.
+
+* :class:`DataWhispererDataModule`: scores the training set in ``setup("fit")`` (Data Whisperer, random, EL2N,
+  GraNd), keeps the top ``ratio`` and serves only that subset; cached, DDP-sharded, exported as JSON.
+* :func:`demonstration_weights`, :func:`layer_attention`, :func:`data_whisperer_scores`: the method's pure parts
+  (:mod:`lightning_eff.select.data_whisperer`).
+* :func:`el2n_from_logits`, :func:`el2n_scores`, :func:`grand_scores`, :func:`random_scores`: baselines.
+"""
+
+from lightning_eff.select.baselines import (
+    el2n_from_logits,
+    el2n_scores,
+    grand_scores,
+    random_scores,
+    warmup_finetune,
+)
+from lightning_eff.select.data_whisperer import (
+    accumulate_scores,
+    data_whisperer_scores,
+    default_attention_layer,
+    demonstration_weights,
+    layer_attention,
+    plan_prompts,
+    query_scores,
+    token_spans,
+)
+from lightning_eff.select.datamodule import (
+    DataWhispererDataModule,
+    SelectionToTuningRatio,
+    load_selection,
+    model_fingerprint,
+    top_k,
+)
+from lightning_eff.select.prompts import ICLPrompt, ICLTemplate, build_icl_prompt
+
+__all__ = [
+    "DataWhispererDataModule",
+    "ICLPrompt",
+    "ICLTemplate",
+    "SelectionToTuningRatio",
+    "accumulate_scores",
+    "build_icl_prompt",
+    "data_whisperer_scores",
+    "default_attention_layer",
+    "demonstration_weights",
+    "el2n_from_logits",
+    "el2n_scores",
+    "grand_scores",
+    "layer_attention",
+    "load_selection",
+    "model_fingerprint",
+    "plan_prompts",
+    "query_scores",
+    "random_scores",
+    "token_spans",
+    "top_k",
+    "warmup_finetune",
+]
