@@ -1,0 +1,724 @@
+"""Benchmark of AutoGnothi (``lightning_eff.explain.AutoGnothi``) on digits with 16 Shapley players.
+
+Protocol (every setting is printed at the start of a run):
+
+0. **Setup.** A tiny torchvision ViT (``TinyViT``: 8x8 grey digits, 2x2-pixel patches = 16 tokens = 16 players,
+   4 layers, width 64, 4 heads) is trained on the bundled digits, then frozen. AutoGnothi stage 1 (surrogate
+   side branch, width 16) and stage 2 (explainer side branch + head) are trained with the Lightning Trainer.
+   ``--classifier-ckpt`` / ``--surrogate-ckpt`` / ``--explainer-ckpt`` reuse earlier runs instead.
+1. **Fidelity.** For each of the first ``--images`` test images, the ground truth is ``exact_shapley`` of the
+   surrogate's value function ``v(m)`` (class probabilities with the removed players excluded from attention;
+   all 2^16 = 65,536 subsets). Compared on the predicted class (and on all 10 classes): AutoGnothi's ``phi``
+   (one forward pass; ``--players 4`` uses a 2x2 grid of players instead), KernelSHAP from the ``shap`` package (``KernelExplainer``, ``--kernel-samples`` = 512
+   evaluations of the same ``v``), our own paired-sampling ``kernel_shap`` (512 evaluations). Pearson r and MSE
+   per image (medians), the efficiency gap ``|sum phi - (v(1) - v(0))|``, insertion/deletion AUC of ``v`` for
+   the predicted class against a random order (and against the exact values, the best a ranking can do).
+2. **Speed.** Time to explain one image: AutoGnothi (a batch of one) against shap's KernelExplainer and our
+   kernel_shap at 512 evaluations, interleaved image by image (A, B, C, A, B, C, ...), medians and ratios.
+3. **Cost.** Inference of the final model (logits + phi, one pass) against the plain classifier, batch 256,
+   ABAB-interleaved, median and ratio. Training memory of one explainer step: AutoGnothi's side branch (frozen
+   backbone run without autograd) against fine-tuning a full copy of the backbone as the explainer (ViT-Shapley
+   style, same head and loss): trainable parameters, bytes of tensors autograd saves for backward, parameter +
+   gradient + Adam state bytes, and on CUDA the peak allocated memory of the step. The surrogate targets
+   (identical for both) are computed beforehand and are not part of the step.
+4. **Scale check** (``--vit-b``, default on CUDA): the same cost measurements with a random-initialised
+   torchvision ViT-B/16 (224 px, 196 players, side ratio 8, explainer MLP 3072) at batch 64 / 16.
+
+Usage::
+
+    python benchmarks/explain.py --quick                 # smoke run, < 1 min on CPU
+    python benchmarks/explain.py                         # full run (CPU: slow; about 5 min on one GPU)
+    python benchmarks/explain.py --device cuda           # GPU, includes the ViT-B/16 scale check
+
+Raw numbers go to ``--out`` (JSON, default ``outputs/benchmarks/explain.json``); heatmaps of the explainer's
+validation epochs go next to it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# `python benchmarks/explain.py` puts benchmarks/ first on sys.path, where a sibling script named like a
+# standard-library module (e.g. select.py) would shadow it: drop that entry before importing anything else.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import copy
+import functools
+import json
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_eff.data import DigitsDataModule
+from lightning_eff.explain import (
+    AutoGnothi,
+    ExplainerHead,
+    TinyViT,
+    exact_shapley,
+    insertion_deletion_auc,
+    kernel_shap,
+    normalize_efficiency,
+    shapley_kernel_masks,
+    shapley_regression_loss,
+)
+from lightning_eff.models import ImageClassifier
+
+VIT = {
+    "image_size": 8,
+    "patch_size": 2,
+    "num_layers": 4,
+    "num_heads": 4,
+    "hidden_dim": 64,
+    "mlp_dim": 128,
+    "num_classes": 10,
+    "in_channels": 1,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a.double().flatten().cpu(), b.double().flatten().cpu()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def trainer(args, epochs: int, root: str, **kw):
+    import lightning as L
+
+    if args.quick:
+        kw.setdefault("limit_train_batches", 3)
+        kw.setdefault("limit_val_batches", 2)
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=args.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+        **kw,
+    )
+
+
+def cosine(epochs: int):
+    return functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max(1, epochs))
+
+
+# --------------------------------------------------------------------------------------------------
+# 0. training
+# --------------------------------------------------------------------------------------------------
+def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, AutoGnothi, dict]:
+    import lightning as L
+
+    info: dict[str, Any] = {}
+    dm = DigitsDataModule(image_size=8, channels=1, batch_size=64, seed=0)
+    dm.setup()
+    L.seed_everything(args.seed, verbose=False)
+    if args.classifier_ckpt:
+        clf = ImageClassifier.load_from_checkpoint(args.classifier_ckpt, map_location="cpu")
+        log(f"classifier: loaded {args.classifier_ckpt}")
+    else:
+        clf = ImageClassifier(
+            TinyViT(**cfg["vit"]),
+            optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.05),
+            lr_scheduler=cosine(cfg["epochs_classifier"]),
+            label_smoothing=0.1,
+        )
+        t = trainer(args, cfg["epochs_classifier"], str(out_dir))
+        start = time.perf_counter()
+        t.fit(clf, dm)
+        info["classifier_train_s"] = time.perf_counter() - start
+        log(f"classifier: trained {cfg['epochs_classifier']} epochs in {info['classifier_train_s']:.0f} s")
+    res = trainer(args, 1, str(out_dir)).test(clf, dm, verbose=False)
+    info["classifier_test_acc"] = float(res[0]["test/acc"])
+    log(f"classifier: test accuracy {info['classifier_test_acc']:.4f}")
+
+    side = {
+        "side_ratio": cfg["side_ratio"],
+        "attention_masking": "exclude",
+        "player_grid": None if cfg["players"] == 16 else 2,
+    }
+    if args.explainer_ckpt:
+        model = AutoGnothi.load_from_checkpoint(args.explainer_ckpt, map_location="cpu")
+        log(f"explainer: loaded {args.explainer_ckpt}")
+        return clf, model, info
+    if args.surrogate_ckpt:
+        s_path = args.surrogate_ckpt
+        log(f"surrogate: using {s_path}")
+    else:
+        surrogate = AutoGnothi(
+            clf.net,
+            stage="surrogate",
+            num_heatmaps=0,
+            lr_scheduler=cosine(cfg["epochs_surrogate"]),
+            optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01),
+            **side,
+        )
+        t = trainer(args, cfg["epochs_surrogate"], str(out_dir))
+        start = time.perf_counter()
+        t.fit(surrogate, dm)
+        info["surrogate_train_s"] = time.perf_counter() - start
+        s_path = str(out_dir / "surrogate.ckpt")
+        t.save_checkpoint(s_path)
+        metrics = t.validate(surrogate, dm, verbose=False)[0]
+        info["surrogate_val_kl"] = float(metrics["surrogate/val_kl"])
+        info["surrogate_val_agreement"] = float(metrics["surrogate/val_agreement"])
+        info["surrogate_val_masked_agreement"] = float(metrics["surrogate/val_masked_agreement"])
+        log(
+            f"surrogate: trained {cfg['epochs_surrogate']} epochs in {info['surrogate_train_s']:.0f} s; val KL "
+            f"{info['surrogate_val_kl']:.4f}, agreement with the classifier {info['surrogate_val_agreement']:.3f} "
+            f"(full input), {info['surrogate_val_masked_agreement']:.3f} (random masks)"
+        )
+    model = AutoGnothi(
+        clf.net,
+        stage="explainer",
+        surrogate_checkpoint=s_path,
+        explainer_hidden_dim=cfg["explainer_hidden"],
+        num_mask_samples=cfg["mask_samples"],
+        num_heatmaps=8,
+        lr_scheduler=cosine(cfg["epochs_explainer"]),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01),
+        **side,
+    )
+    t = trainer(
+        args,
+        cfg["epochs_explainer"],
+        str(out_dir),
+        check_val_every_n_epoch=max(1, cfg["epochs_explainer"] // 4),
+    )
+    start = time.perf_counter()
+    t.fit(model, dm)
+    info["explainer_train_s"] = time.perf_counter() - start
+    t.save_checkpoint(str(out_dir / "explainer.ckpt"))
+    info["heatmap"] = model.last_heatmap_path
+    log(
+        f"explainer: trained {cfg['epochs_explainer']} epochs in {info['explainer_train_s']:.0f} s; last heatmap "
+        f"{model.last_heatmap_path}"
+    )
+    return clf, model, info
+
+
+# --------------------------------------------------------------------------------------------------
+# 1-2. fidelity and speed
+# --------------------------------------------------------------------------------------------------
+def shap_explainer(fn, target: int, num_players: int, nsamples: int):
+    import numpy as np
+    import shap
+
+    def f(z):
+        masks = torch.as_tensor(np.asarray(z) > 0.5)
+        return fn(masks)[:, target].double().cpu().numpy()
+
+    explainer = shap.KernelExplainer(f, np.zeros((1, num_players)), silent=True)
+
+    def run():
+        values = explainer.shap_values(np.ones((1, num_players)), nsamples=nsamples, silent=True)
+        return torch.as_tensor(np.asarray(values)).reshape(num_players)
+
+    return run
+
+
+def fidelity_and_speed(args, cfg: dict, model: AutoGnothi, device: torch.device, log) -> dict:
+    dm = DigitsDataModule(image_size=8, channels=1, seed=0)
+    dm.setup()
+    x_all = dm.test_set.tensors[0][: cfg["images"]].to(device)
+    model = model.to(device).eval()
+    n = model.num_players
+    rows: list[dict[str, float]] = []
+    times: dict[str, list[float]] = {"autognothi": [], "shap_kernel": [], "kernel_shap": []}
+    has_shap = True
+    try:
+        import shap  # noqa: F401
+    except ImportError:
+        has_shap = False
+        log("shap is not installed: the shap KernelExplainer column is skipped (pip install shap)")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        batch_out = model(x_all)
+        for i in range(len(x_all)):
+            x = x_all[i : i + 1]
+            fn = model.value_function(x)
+            pred = int(batch_out.logits[i].argmax())
+            exact = exact_shapley(fn, n, chunk_size=cfg["exact_chunk"]).float().cpu()
+            # the timed alternatives, in rotating order (A B C, B C A, ...)
+            runs = {
+                "autognothi": lambda x=x: model(x).phi[0],
+                "kernel_shap": lambda fn=fn, i=i: kernel_shap(
+                    fn,
+                    n,
+                    cfg["kernel_samples"],
+                    generator=torch.Generator(device=device).manual_seed(i),
+                    device=device,
+                ),
+            }
+            if has_shap:
+                runs["shap_kernel"] = shap_explainer(fn, pred, n, cfg["kernel_samples"])
+            names = list(runs)
+            names = names[i % len(names) :] + names[: i % len(names)]
+            results = {}
+            for name in names:
+                dt, results[name] = timed(runs[name], device)
+                times[name].append(dt)
+            phi = results["autognothi"].float().cpu()
+            full = fn(torch.ones(1, n, dtype=torch.bool, device=device))[0].cpu()
+            empty = fn(torch.zeros(1, n, dtype=torch.bool, device=device))[0].cpu()
+            row = {
+                "pred": pred,
+                "ag_r": pearson(phi[:, pred], exact[:, pred]),
+                "ag_mse": float((phi[:, pred] - exact[:, pred]).pow(2).mean()),
+                "ag_r_all": pearson(phi, exact),
+                "ag_eff_gap": float((phi.sum(0) - (full - empty)).abs().max()),
+                "ks_r": pearson(results["kernel_shap"][:, pred].float().cpu(), exact[:, pred]),
+                "ks_mse": float(
+                    (results["kernel_shap"][:, pred].float().cpu() - exact[:, pred]).pow(2).mean()
+                ),
+                "ks_r_all": pearson(results["kernel_shap"].float().cpu(), exact),
+                "exact_scale": float(exact[:, pred].abs().mean()),
+            }
+            if has_shap:
+                sk = results["shap_kernel"].float()
+                row["shap_r"] = pearson(sk, exact[:, pred])
+                row["shap_mse"] = float((sk - exact[:, pred]).pow(2).mean())
+            rankings = {
+                "autognothi": phi[:, pred],
+                "exact": exact[:, pred],
+                "kernel_shap": results["kernel_shap"][:, pred].float().cpu(),
+                "random": torch.rand(n, generator=gen),
+            }
+            if has_shap:
+                rankings["shap_kernel"] = results["shap_kernel"].float()
+            for name, attr in rankings.items():
+                res = insertion_deletion_auc(fn, attr.to(device), target=pred)
+                row[f"ins_{name}"], row[f"del_{name}"] = res.insertion_auc, res.deletion_auc
+            rows.append(row)
+            if (i + 1) % max(1, len(x_all) // 5) == 0:
+                log(
+                    f"  explained {i + 1}/{len(x_all)} images (r AutoGnothi so far: median {med([r['ag_r'] for r in rows]):.3f})"
+                )
+        # batched explanation throughput
+        reps = []
+        for _ in range(cfg["repeats"]):
+            dt, _ = timed(lambda: model(x_all), device)
+            reps.append(dt / len(x_all))
+    return {"rows": rows, "times": times, "batched_per_image_s": med(reps), "has_shap": has_shap}
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. cost
+# --------------------------------------------------------------------------------------------------
+def inference_cost(
+    final: AutoGnothi, classifier: nn.Module, x: Tensor, repeats: int, device: torch.device
+) -> dict:
+    final, classifier = final.to(device).eval(), classifier.to(device).eval()
+    a, b = [], []
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            classifier(x)
+            final(x)
+        for r in range(repeats):
+            order = [("a", classifier), ("b", final)] if r % 2 == 0 else [("b", final), ("a", classifier)]
+            for name, fn in order:
+                dt, _ = timed(lambda fn=fn: fn(x), device)
+                (a if name == "a" else b).append(dt)
+    return {"classifier_s": med(a), "final_s": med(b), "ratio": med(b) / med(a)}
+
+
+class FullCopyExplainer(nn.Module):
+    """ViT-Shapley-style explainer: a trainable copy of the backbone, the same explainer head on its last layer."""
+
+    def __init__(self, model: AutoGnothi, hidden_dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(model.backbone).requires_grad_(True).train()
+        self.adapter, self.layout = model.adapter, model.layout
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.head = ExplainerHead(
+            hidden_dim, model.adapter.num_heads, model.num_classes, head_dim, num_layers=1
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, hiddens = self.adapter.run(self.backbone, x)
+        return self.layout.pool(self.head(self.norm(hiddens[-1]))[:, 1:])
+
+
+def step_memory(forward_loss, params: list[nn.Parameter], device: torch.device) -> dict:
+    """Bytes autograd saves for backward, parameter+grad+Adam bytes, and the CUDA peak of one training step."""
+    saved = {"bytes": 0}
+    seen: set[int] = set()
+
+    def pack(t: Tensor):
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            saved["bytes"] += t.untyped_storage().nbytes()
+        return t
+
+    opt = torch.optim.Adam(params, lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward_loss()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    out = {
+        "trainable_params": sum(p.numel() for p in params),
+        "saved_activation_bytes": saved["bytes"],
+        "param_grad_adam_bytes": sum(p.numel() * p.element_size() for p in params) * 4,
+    }
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    del opt
+    return out
+
+
+def training_memory(
+    model: AutoGnothi, x: Tensor, mask_samples: int, head_dim: int, device: torch.device
+) -> dict:
+    model = model.to(device).train()
+    b = x.shape[0]
+    n = model.num_players
+    with torch.no_grad():
+        masks = shapley_kernel_masks(
+            b, n, mask_samples, generator=torch.Generator(device=device).manual_seed(0), device=device
+        )
+        values = model.surrogate_values(x, masks)
+        null = model.null_value(x)
+        _, hiddens = model.adapter.run(model.backbone, x)
+        grand = model._surrogate(hiddens, None).softmax(-1)
+    valid = torch.ones(b, n, dtype=torch.bool, device=device)
+
+    def side_loss():
+        _, h = model._run_backbone(x)  # no autograd through the frozen backbone
+        phi = model._explain(h, None, valid, grand, x)
+        return shapley_regression_loss(phi, masks, values, null)
+
+    side_params = [p for p in model.parameters() if p.requires_grad]
+    side = step_memory(side_loss, side_params, device)
+    full_model = FullCopyExplainer(model, model.adapter.hidden_dim, head_dim).to(device)
+
+    def full_loss():
+        phi = normalize_efficiency(full_model(x), grand, null)
+        return shapley_regression_loss(phi, masks, values, null)
+
+    copy_ = step_memory(full_loss, [p for p in full_model.parameters() if p.requires_grad], device)
+    return {"autognothi": side, "full_copy": copy_}
+
+
+def vit_b_scale(args, device: torch.device, log) -> dict:
+    """Cost at the paper's scale with a random-initialised torchvision ViT-B/16 (timing and memory only)."""
+    from torchvision.models import vit_b_16
+
+    torch.manual_seed(0)
+    backbone = vit_b_16(weights=None, num_classes=10)
+    nn.init.normal_(backbone.heads.head.weight, std=0.02)
+    stage1 = AutoGnothi(backbone, side_ratio=8, num_heatmaps=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "s.ckpt")
+        ckpt = {"state_dict": stage1.state_dict()}
+        stage1.on_save_checkpoint(ckpt)
+        torch.save(ckpt, path)
+        final = AutoGnothi(
+            backbone,
+            stage="explainer",
+            surrogate_checkpoint=path,
+            side_ratio=8,
+            explainer_hidden_dim=3072,
+            num_mask_samples=32,
+            masked_chunk_size=512,
+            num_heatmaps=0,
+        )
+        final.ensure_loaded()
+    x = torch.randn(args.vit_b_batch, 3, 224, 224, device=device)
+    cost = inference_cost(final, backbone, x, args.repeats_vit_b, device)
+    log(
+        f"  ViT-B/16 inference: classifier {cost['classifier_s'] * 1e3:.1f} ms, final {cost['final_s'] * 1e3:.1f} ms "
+        f"(batch {args.vit_b_batch}), ratio {cost['ratio']:.3f}"
+    )
+    mem = training_memory(final, x[: args.vit_b_train_batch], 32, 3072, device)
+    return {
+        "inference": cost,
+        "memory": mem,
+        "players": final.num_players,
+        "batch": args.vit_b_batch,
+        "train_batch": args.vit_b_train_batch,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+def mib(v: float) -> str:
+    return f"{v / 2**20:.1f} MiB"
+
+
+def report(result: dict, log) -> None:
+    rows = result["fidelity"]["rows"]
+    has_shap = result["fidelity"]["has_shap"]
+    times = result["fidelity"]["times"]
+    k = len(rows)
+    log("")
+    log(
+        f"### Fidelity against exact Shapley values of the surrogate ({k} test images, {result['settings']['players']} players, predicted class)"
+    )
+    log("")
+    log(
+        "| explainer | model evaluations | median Pearson r | mean r | share r >= 0.9 | median MSE | median r (all 10 classes) |"
+    )
+    log("| --- | --- | --- | --- | --- | --- | --- |")
+    methods = [("AutoGnothi (one forward)", "ag", "0 (amortised)")]
+    if has_shap:
+        methods.append(
+            ("KernelSHAP, shap.KernelExplainer", "shap", str(result["settings"]["kernel_samples"]))
+        )
+    methods.append(("KernelSHAP, ours (paired)", "ks", str(result["settings"]["kernel_samples"] + 2)))
+    for name, key, evals in methods:
+        r = [row[f"{key}_r"] for row in rows]
+        mse = [row[f"{key}_mse"] for row in rows]
+        r_all = f"{med([row[f'{key}_r_all'] for row in rows]):.3f}" if f"{key}_r_all" in rows[0] else "-"
+        log(
+            f"| {name} | {evals} | {med(r):.3f} | {statistics.fmean(r):.3f} | {sum(v >= 0.9 for v in r) / k:.2f} | "
+            f"{med(mse):.2e} | {r_all} |"
+        )
+    log("")
+    log(
+        f"Efficiency gap of AutoGnothi |sum phi - (v(1) - v(0))|: max {max(row['ag_eff_gap'] for row in rows):.1e} "
+        f"(mean |exact phi| of the predicted class: {statistics.fmean(row['exact_scale'] for row in rows):.3f})"
+    )
+    log("")
+    log("### Insertion / deletion AUC of v (predicted class; higher insertion and lower deletion are better)")
+    log("")
+    log("| ranking | insertion AUC (mean) | deletion AUC (mean) |")
+    log("| --- | --- | --- |")
+    for name in ["exact", "autognothi", *(["shap_kernel"] if has_shap else []), "kernel_shap", "random"]:
+        log(
+            f"| {name} | {statistics.fmean(row[f'ins_{name}'] for row in rows):.4f} | "
+            f"{statistics.fmean(row[f'del_{name}'] for row in rows):.4f} |"
+        )
+    log("")
+    log("### Time to explain one image (medians, interleaved)")
+    log("")
+    log("| method | median time | AutoGnothi speed-up |")
+    log("| --- | --- | --- |")
+    ag = med(times["autognothi"])
+    log(f"| AutoGnothi, batch of 1 | {ag * 1e3:.2f} ms | 1x |")
+    batched = result["fidelity"]["batched_per_image_s"]
+    log(f"| AutoGnothi, batch of {k} (per image) | {batched * 1e3:.3f} ms | {ag / batched:.1f}x |")
+    if has_shap:
+        sk = med(times["shap_kernel"])
+        log(
+            f"| shap.KernelExplainer, 512 evaluations | {sk * 1e3:.1f} ms | {sk / ag:.0f}x (batched: {sk / batched:.0f}x) |"
+        )
+    ks = med(times["kernel_shap"])
+    log(
+        f"| our kernel_shap, 514 evaluations | {ks * 1e3:.2f} ms | {ks / ag:.1f}x (batched: {ks / batched:.0f}x) |"
+    )
+    log("")
+    log("### Cost")
+    log("")
+    inf = result["cost"]["inference"]
+    log(
+        f"Inference, batch 256 digits: classifier {inf['classifier_s'] * 1e3:.2f} ms, final model (logits + phi, one pass) "
+        f"{inf['final_s'] * 1e3:.2f} ms: **{inf['ratio']:.2f}x**"
+    )
+    sections = [
+        (f"tiny ViT (digits, batch 32, {result['settings']['mask_samples']} masks)", result["cost"]["memory"])
+    ]
+    if "vit_b" in result:
+        vb = result["vit_b"]["inference"]
+        log(
+            f"Inference, ViT-B/16 batch {result['vit_b']['batch']} (224 px, 196 players): classifier {vb['classifier_s'] * 1e3:.1f} ms, final "
+            f"{vb['final_s'] * 1e3:.1f} ms: **{vb['ratio']:.2f}x**"
+        )
+        sections.append(
+            (f"ViT-B/16 (batch {result['vit_b']['train_batch']}, 32 masks)", result["vit_b"]["memory"])
+        )
+    log("")
+    log("| explainer training step | trainable params | saved activations | params+grads+Adam | CUDA peak |")
+    log("| --- | --- | --- | --- | --- |")
+    for label, mem in sections:
+        for name, key in (
+            ("AutoGnothi side branch", "autognothi"),
+            ("full backbone copy (ViT-Shapley style)", "full_copy"),
+        ):
+            m = mem[key]
+            peak = mib(m["cuda_peak_bytes"]) if "cuda_peak_bytes" in m else "-"
+            log(
+                f"| {label}: {name} | {m['trainable_params'] / 1e6:.3f} M | {mib(m['saved_activation_bytes'])} | "
+                f"{mib(m['param_grad_adam_bytes'])} | {peak} |"
+            )
+        a, b = mem["autognothi"], mem["full_copy"]
+        tot_a = a["saved_activation_bytes"] + a["param_grad_adam_bytes"]
+        tot_b = b["saved_activation_bytes"] + b["param_grad_adam_bytes"]
+        extra = (
+            f", CUDA peak {b['cuda_peak_bytes'] / a['cuda_peak_bytes']:.2f}x"
+            if "cuda_peak_bytes" in a
+            else ""
+        )
+        log(
+            f"| {label}: full copy / side branch | {b['trainable_params'] / a['trainable_params']:.1f}x | "
+            f"{b['saved_activation_bytes'] / max(1, a['saved_activation_bytes']):.1f}x | (activations + params) "
+            f"{tot_b / tot_a:.2f}x | {extra.lstrip(', ') or '-'} |"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--images", type=int, default=None, help="test images explained (default 100, quick 4)")
+    p.add_argument("--kernel-samples", type=int, default=512)
+    p.add_argument(
+        "--players", type=int, choices=(4, 16), default=None, help="4 (2x2 grid) or 16 (default; quick: 4)"
+    )
+    p.add_argument(
+        "--epochs", type=int, nargs=3, default=None, metavar=("CLASSIFIER", "SURROGATE", "EXPLAINER")
+    )
+    p.add_argument("--classifier-ckpt", default=None)
+    p.add_argument("--surrogate-ckpt", default=None)
+    p.add_argument("--explainer-ckpt", default=None)
+    p.add_argument(
+        "--vit-b",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ViT-B/16 scale check (default: on CUDA)",
+    )
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats-vit-b", type=int, default=20)
+    p.add_argument("--vit-b-batch", type=int, default=64, help="inference batch of the ViT-B/16 scale check")
+    p.add_argument(
+        "--vit-b-train-batch", type=int, default=16, help="training batch of the ViT-B/16 memory check"
+    )
+    p.add_argument("--width", type=int, default=64, help="ViT width (hidden_dim)")
+    p.add_argument("--layers", type=int, default=4, help="ViT layers")
+    p.add_argument("--heads", type=int, default=4, help="ViT heads")
+    p.add_argument(
+        "--mask-samples", type=int, default=None, help="paired masks per image in stage 2 (default 32)"
+    )
+    p.add_argument("--side-ratio", type=int, default=4, help="side width = width / side ratio")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/benchmarks/explain.json")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", ".*has no `get_config\\(\\)`.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available())
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    args.accelerator = "gpu" if device.type == "cuda" else "cpu"
+    epochs = args.epochs or ([2, 2, 2] if args.quick else [60, 40, 60])
+    cfg = {
+        "epochs_classifier": epochs[0],
+        "epochs_surrogate": epochs[1],
+        "epochs_explainer": epochs[2],
+        "images": args.images or (4 if args.quick else 100),
+        "players": args.players or (4 if args.quick else 16),
+        "kernel_samples": args.kernel_samples,
+        "side_ratio": args.side_ratio,
+        "vit": {
+            **VIT,
+            "hidden_dim": args.width,
+            "mlp_dim": 2 * args.width,
+            "num_layers": args.layers,
+            "num_heads": args.heads,
+        },
+        "explainer_hidden": 256,
+        "mask_samples": args.mask_samples or (8 if args.quick else 32),
+        "repeats": args.repeats or (5 if args.quick else 30),
+        "exact_chunk": 65536 if device.type == "cuda" else 8192,
+        "device": str(device),
+        "seed": args.seed,
+        "vit_b": bool(args.vit_b if args.vit_b is not None else device.type == "cuda"),
+    }
+    out_path = Path(args.out)
+    out_dir = out_path.parent / (out_path.stem + "_runs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log("# AutoGnothi benchmark (lightning_eff.explain)")
+    log(
+        f"python {platform.python_version()}, torch {torch.__version__}, device {device}"
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f", {torch.get_num_threads()} threads"
+        )
+        + f", {platform.platform()}"
+    )
+    log("protocol: " + json.dumps(cfg))
+    log(
+        "backbone: TinyViT "
+        + json.dumps(cfg["vit"])
+        + f"; AutoGnothi side width {args.width}/{args.side_ratio} = {args.width // args.side_ratio}, explainer MLP 256, "
+        + f"{cfg['mask_samples']} paired "
+        "kernel masks per image, attention masking 'exclude' (-inf); Adam-W with cosine schedules"
+    )
+    result: dict[str, Any] = {"settings": cfg}
+    t0 = time.perf_counter()
+    clf, model, info = train_all(args, cfg, out_dir, log)
+    result["training"] = info
+    log("fidelity and speed ...")
+    result["fidelity"] = fidelity_and_speed(args, cfg, model, device, log)
+    log("cost ...")
+    dm = DigitsDataModule(image_size=8, channels=1, seed=0)
+    dm.setup()
+    x = dm.test_set.tensors[0][:256].to(device)
+    result["cost"] = {
+        "inference": inference_cost(model, clf.net, x, cfg["repeats"], device),
+        "memory": training_memory(model, x[:32], cfg["mask_samples"], cfg["explainer_hidden"], device),
+    }
+    if cfg["vit_b"]:
+        log("ViT-B/16 scale check ...")
+        result["vit_b"] = vit_b_scale(args, device, log)
+    result["wall_s"] = time.perf_counter() - t0
+    report(result, log)
+    log("")
+    log(f"total wall time {result['wall_s']:.0f} s; raw numbers in {out_path}")
+    tmp = out_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out_path)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
