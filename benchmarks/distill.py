@@ -108,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--students", type=int, default=5)
+    parser.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default 300; 60 with --quick)")
+    parser.add_argument("--iters-scale", type=float, default=1.0, help="multiply every method's iterations")
     parser.add_argument("--out", default="benchmarks/results/distill.json")
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "IPC", "ITERS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,7 +123,8 @@ def main() -> None:
 
     quick = args.quick
     iters = {"dm": 40 if quick else 400, "gm": 10 if quick else 100, "mtt": 20 if quick else 200}
-    eval_epochs = 60 if quick else 300
+    iters = {k: max(1, round(v * args.iters_scale)) for k, v in iters.items()}
+    eval_epochs = args.eval_epochs or (60 if quick else 300)
     protocol = {
         "data": f"sklearn digits, {DATA['image_size']} px, 1 channel, split 1258/180/359 (seed 0)",
         "distillation": f"ConvNet-3 width {NET['width']} (instance norm), DSA siamese augmentation, "
