@@ -17,6 +17,7 @@ from lightning_eff.distill.mtt import (
     load_experts,
     train_experts,
 )
+from lightning_eff.distill.ncfm import NCFM, FeatureNetworks, SamplingNet, ncfd, pretrain_feature_networks
 from lightning_eff.distill.synthetic import SyntheticSet, SyntheticSetDataset
 
 __all__ = [
@@ -37,4 +38,9 @@ __all__ = [
     "evaluate_synthetic",
     "EvaluationResult",
     "SyntheticEvalCallback",
+    "NCFM",
+    "SamplingNet",
+    "FeatureNetworks",
+    "pretrain_feature_networks",
+    "ncfd",
 ]
