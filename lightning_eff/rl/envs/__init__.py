@@ -1,0 +1,71 @@
+"""Driving environments: the interface (:class:`DrivingEnv`), the BEV rasteriser and highway-env scenes.
+
+``make_env(name, **kwargs)`` builds a registered environment; register another engine (CARLA, ...)
+with :func:`register_env` so that the data module and the benchmark can use it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning_eff.rl.envs.base import (
+    EVENT_KINDS,
+    INFRACTION_KINDS,
+    DrivingEnv,
+    DrivingState,
+    RewardWeights,
+    default_action_table,
+)
+from lightning_eff.rl.envs.bev import BEVRasterizer, Segments, colorize, polyline_segments
+from lightning_eff.rl.envs.highway import SCENARIO_SPECS, HighwayBEVEnv, ScenarioSpec
+
+__all__ = [
+    "DrivingEnv",
+    "DrivingState",
+    "RewardWeights",
+    "default_action_table",
+    "INFRACTION_KINDS",
+    "EVENT_KINDS",
+    "BEVRasterizer",
+    "Segments",
+    "colorize",
+    "polyline_segments",
+    "HighwayBEVEnv",
+    "ScenarioSpec",
+    "SCENARIO_SPECS",
+    "ENV_REGISTRY",
+    "register_env",
+    "make_env",
+]
+
+#: name -> factory returning a :class:`DrivingEnv`.
+ENV_REGISTRY: dict[str, Callable[..., DrivingEnv]] = {"highway-bev": HighwayBEVEnv}
+
+
+def register_env(name: str, factory: Callable[..., DrivingEnv]) -> None:
+    """Make ``factory`` available as ``make_env(name, ...)`` (e.g. a CARLA adapter).
+
+    Example::
+
+        >>> register_env("highway-bev-small", lambda **kw: HighwayBEVEnv(bev_size=16, resolution=4.0, **kw))
+        >>> make_env("highway-bev-small", scenarios="merge").bev_shape
+        (10, 16, 16)
+    """
+    if not callable(factory):
+        raise TypeError(f"register_env: factory must be callable, got {factory!r}.")
+    ENV_REGISTRY[name] = factory
+
+
+def make_env(name: str = "highway-bev", **kwargs: Any) -> DrivingEnv:
+    """Build a registered driving environment.
+
+    Example::
+
+        >>> env = make_env("highway-bev", scenarios="merge", bev_size=16, resolution=4.0)
+        >>> env.observation_space["bev"].shape
+        (10, 16, 16)
+    """
+    if name not in ENV_REGISTRY:
+        raise ValueError(f"make_env: unknown environment {name!r}; registered: {sorted(ENV_REGISTRY)}.")
+    return ENV_REGISTRY[name](**kwargs)
