@@ -35,7 +35,6 @@ image gradients are averaged (the official code runs on one process).
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep, reinitialized
-from lightning_eff.distill.synthetic import _atomic_write_bytes
+from lightning_eff.utils.io import load_versioned, save_versioned
 
 __all__ = [
     "TrajectoryMatching",
@@ -126,34 +125,17 @@ class ExpertTrajectory:
             )
 
     def save(self, path: str | Path) -> Path:
-        data = {
-            "format": TRAJECTORY_FORMAT,
-            "format_version": TRAJECTORY_VERSION,
+        payload = {
             "param_names": self.param_names,
             "param_shapes": self.param_shapes,
             "epochs": self.epochs,
             "metadata": self.metadata,
         }
-        buffer = io.BytesIO()
-        torch.save(data, buffer)
-        path = Path(path)
-        _atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return save_versioned(path, TRAJECTORY_FORMAT, TRAJECTORY_VERSION, payload)
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertTrajectory:
-        path = Path(path)
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable expert trajectory (corrupt or truncated?): {err}") from None
-        if not isinstance(data, dict) or data.get("format") != TRAJECTORY_FORMAT:
-            raise ValueError(f"{path} is not a lightning-eff expert trajectory")
-        if data.get("format_version") != TRAJECTORY_VERSION:
-            raise ValueError(
-                f"{path} has expert-trajectory format version {data.get('format_version')!r}; "
-                f"this version reads {TRAJECTORY_VERSION}"
-            )
+        data = load_versioned(path, TRAJECTORY_FORMAT, TRAJECTORY_VERSION, "expert trajectory")
         return cls(data["param_names"], data["param_shapes"], list(data["epochs"]), data.get("metadata"))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_eff.utils.io import atomic_write_bytes as _atomic_write_bytes
+from lightning_eff.utils.io import load_versioned, save_versioned
 
 __all__ = ["SyntheticSet", "SyntheticSetDataset", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -253,22 +255,13 @@ class SyntheticSet:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-        buffer = io.BytesIO()
-        torch.save(self.to_dict(), buffer)
-        path = Path(path)
-        _atomic_write_bytes(path, buffer.getvalue())
-        return path
+        payload = {k: v for k, v in self.to_dict().items() if k not in ("format", "format_version")}
+        return save_versioned(path, FORMAT_NAME, FORMAT_VERSION, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SyntheticSet:
         """Read a set written by :meth:`save`; a corrupt, truncated or foreign file is a ValueError."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no synthetic set at {path}")
-        try:
-            data = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... on bad files
-            raise ValueError(f"{path} is not a readable synthetic set (corrupt or truncated file?): {err}") from None
+        data = load_versioned(path, FORMAT_NAME, FORMAT_VERSION, "synthetic set", map_location)
         return cls.from_dict(data, source=str(path))
 
     # ------------------------------------------------------------------ construction from data
@@ -336,20 +329,3 @@ def _metadata(dm, method: str, ipc: int, seed: int, extra: dict[str, Any]) -> di
     meta.update(extra)
     return meta
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
