@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo demo-ko test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python benchmarks/demo_ncfm.py
+
+demo-ko: $(STAMP)
 	$(BIN)/lightning-eff fit --config configs/ko/digits.yaml
 
 test: $(STAMP)

@@ -356,6 +356,9 @@ def test_distill_configs_fit_through_the_cli(path, tmp_path, monkeypatch):
         overrides += ["--model.init_args.inner_loop=2"]
     if "batch_real" in text:
         overrides += ["--model.init_args.batch_real=16"]
+    if "ncfm.NCFM" in text:
+        overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain_epochs=1",
+                      "--model.init_args.num_freqs=64"]
     LightningEffCLI(args=["fit", "--config", str(path), *overrides])
     synset = SyntheticSet.load(tmp_path / "synthetic_set.pt")
     assert synset.metadata["iterations"] == 2
