@@ -21,7 +21,10 @@ Eclectic-Sheep/sheeprl), equation numbers below are DreamerV3's:
 
 Three optimisers with manual optimisation (world model, actor, critic). ``trainer.global_step``
 counts every optimiser step; the interaction budget is set in environment steps by the data module
-(``env_steps_per_epoch`` x ``max_epochs``).
+(``env_steps_per_epoch`` x ``max_epochs``). DDP: each rank steps its own environments and replay;
+with ``planner_ratio_end > 1`` the extra actor-critic updates leave the world model out of their
+backward pass, so use ``strategy="ddp_find_unused_parameters_true"`` (both are tested on 2 CPU ranks:
+the ranks end with identical weights).
 
 Departures:
 
