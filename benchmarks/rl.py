@@ -233,9 +233,11 @@ def learn(args) -> dict:
     print(f"\n[3] Think2Drive learning curve ({args.env_steps} env steps, eval every {steps_per_epoch})", flush=True)
     start_time = time.perf_counter()
     trainer.fit(model, datamodule=dm)
+    train_wall = time.perf_counter() - start_time
+    sampled = evaluate(eval_env, AgentPolicy(model, greedy=False), suite)
     eval_env.close()
-    return {"baselines": baselines, "think2drive": cb.final, "curve": curve,
-            "train_wall_s": time.perf_counter() - start_time}
+    return {"baselines": baselines, "think2drive": cb.final, "think2drive_sampled": sampled, "curve": curve,
+            "train_wall_s": train_wall}
 
 
 def main() -> None:
@@ -296,13 +298,14 @@ def main() -> None:
     res = learn(args)
     results.update(res)
     print(f"\nheld-out driving after {args.env_steps} env steps ({res['train_wall_s'] / 60:.1f} min of training)")
-    print(f"  {'scenario':14s} {'policy':12s} {'DS':>6s} {'RC':>6s} {'coll':>6s} {'return':>8s}")
+    print(f"  {'scenario':14s} {'policy':12s} {'DS':>6s} {'RC':>6s} {'coll':>6s} {'blocked':>8s} {'return':>8s}")
+    print("  (Think2Drive: greedy actor; T2D sampled: actions sampled from the actor)")
     for scenario in [*args.eval_scenarios, "all"]:
         for name, table in (("random", res["baselines"]["random"]), ("IDM", res["baselines"]["idm"]),
-                            ("Think2Drive", res["think2drive"])):
+                            ("Think2Drive", res["think2drive"]), ("T2D sampled", res["think2drive_sampled"])):
             row = table[scenario]
             print(f"  {scenario:14s} {name:12s} {row['driving_score']:6.3f} {row['route_completion']:6.3f} "
-                  f"{row['collision']:6.2f} {row['return']:8.1f}")
+                  f"{row['collision']:6.2f} {row['timeout']:8.2f} {row['return']:8.1f}")
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
