@@ -143,8 +143,9 @@ def test_random_subset_is_real_and_seeded(digits):
 def test_losses_vanish_on_identical_inputs():
     e = torch.randn(5, 7)
     assert float(mean_embedding_distance(e, e)) == 0.0
-    g = [torch.randn(4, 3, 3, 3), torch.randn(4), torch.randn(10, 4)]
-    assert float(gradient_distance(g, g)) < 1e-5
+    gen = torch.Generator().manual_seed(0)
+    g = [torch.randn(4, 3, 3, 3, generator=gen), torch.randn(4, generator=gen), torch.randn(10, 4, generator=gen)]
+    assert float(gradient_distance(g, g)) < 1e-4  # float32 rounding of 1 - cos over 15 rows
     assert float(gradient_distance(g, g, "mse")) == 0.0
     assert float(normalized_parameter_distance(g, g, [x + 1 for x in g])) == 0.0
     assert get_loops(10) == (10, 50) and get_loops(1) == (1, 1) and get_loops(12) == (10, 50)
@@ -354,7 +355,7 @@ def test_distill_configs_fit_through_the_cli(path, tmp_path, monkeypatch):
                       "--model.init_args.max_start_epoch=1", "--model.init_args.syn_steps=2"]
     if "GradientMatching" in text:
         overrides += ["--model.init_args.inner_loop=2"]
-    if "batch_real" in text:
+    if "batch_real" in text and "StaticSet" not in text:
         overrides += ["--model.init_args.batch_real=16"]
     if "ncfm.NCFM" in text:
         overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain_epochs=1",

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lightning_eff.distill.synthetic import SyntheticSet, _check_ipc
 
-__all__ = ["DistillationModule", "DistillPlugin", "DistillStep", "reinitialized", "INITS"]
+__all__ = ["DistillationModule", "DistillPlugin", "DistillStep", "reinitialized", "train_reference_networks", "INITS"]
 
 INITS = ("real", "noise")
 
@@ -72,6 +72,34 @@ def reinitialized(template: nn.Module, seed: int, device: torch.device | str | N
     return net.to(device) if device is not None else net
 
 
+def train_reference_networks(
+    datamodule, template: nn.Module, num_nets: int, epochs: int, lr: float = 0.01, seed: int = 0, strategy=None
+) -> list[nn.Module]:
+    """``num_nets`` copies of ``template`` trained ``epochs`` epochs on the real training split (frozen, CPU).
+
+    The recipe of the expert trajectories (:func:`~lightning_eff.distill.train_experts`: SGD, seeded
+    initialisation and data order). With a Lightning ``strategy`` rank 0 trains and broadcasts, so
+    every rank holds the same networks. Plug-ins use them as "trained networks" (SDC's difficulty,
+    DRUPI's initial feature labels).
+    """
+    from lightning_eff.distill.mtt import train_experts
+
+    states = None
+    if strategy is None or strategy.is_global_zero:
+        experts = train_experts(datamodule, template, num_experts=num_nets, epochs=epochs, lr=lr, seed=seed)
+        states = [e.unflatten(e.epochs[-1]) for e in experts]
+    if strategy is not None:
+        states = strategy.broadcast(states)
+    nets = []
+    for state in states:
+        net = copy.deepcopy(template)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(state[name])
+        nets.append(net.requires_grad_(False).eval())
+    return nets
+
+
 @dataclass
 class DistillStep:
     """What one distillation iteration knows; methods fill ``net`` and ``logs`` for plug-ins and logging."""
@@ -92,6 +120,7 @@ class DistillPlugin(nn.Module):
     * :meth:`extra_loss` adds a term to the matching loss of the iteration;
     * :meth:`real_sample_weights` biases the sampling of real images of a class;
     * :meth:`make_optimizer` for the plug-in's own parameters (stepped with the images);
+    * :meth:`after_step` after the synthetic set was updated;
     * :meth:`on_synthetic_set` adds fields (soft labels, privileged information) to the saved set.
     """
 
@@ -106,6 +135,9 @@ class DistillPlugin(nn.Module):
 
     def make_optimizer(self) -> torch.optim.Optimizer | None:
         return None
+
+    def after_step(self, module: DistillationModule, step: DistillStep) -> None:  # noqa: B027 - optional hook
+        """Called after the method's :meth:`DistillationModule.after_step` (e.g. to train the plug-in's network)."""
 
     def on_synthetic_set(self, module: DistillationModule, synset: SyntheticSet) -> SyntheticSet:
         return synset
@@ -313,6 +345,18 @@ class DistillationModule(L.LightningModule):
         start = c * self.ipc
         return self.syn_images[start : start + self.ipc]
 
+    def training_class(self, c: int) -> Tensor:
+        """The images of class ``c`` that students train on (differentiable; plug-ins read these).
+
+        The stored images by default; methods that decode their storage (NCFM's multi-formation)
+        return the decoded images.
+        """
+        return self.syn_class(c)
+
+    def training_images(self) -> tuple[Tensor, Tensor]:
+        """``(images, labels)`` of the whole set students train on, classes in order (see :meth:`training_class`)."""
+        return self.syn_images, self.syn_labels
+
     def augment(self, *batches: Tensor, generator: torch.Generator) -> tuple[Tensor, ...]:
         """The same DSA transform on every batch (identity when DSA is off)."""
         if self.dsa is None:
@@ -360,7 +404,8 @@ class DistillationModule(L.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         for opt in optimizers:
             opt.zero_grad()
-        self.manual_backward(loss)
+        if loss.requires_grad:  # a StaticSet whose plug-ins only annotate (e.g. DRUPI(learn=False)) has no graph
+            self.manual_backward(loss)
         # Only the image optimizer goes through Lightning (it counts trainer.global_step).
         optimizers[0].step()
         for opt in optimizers[1:]:
@@ -370,6 +415,8 @@ class DistillationModule(L.LightningModule):
             with torch.no_grad():
                 self.syn_images.copy_(torch.maximum(torch.minimum(self.syn_images, high), low))
         self.after_step(step)
+        for plugin in self.plugins:
+            plugin.after_step(self, step)
         self.iteration += 1
         self.log("distill/loss", loss.detach(), prog_bar=True)
         for key, value in step.logs.items():

@@ -479,7 +479,8 @@ class _Batches:
 class _FeatureTap:
     """Forward hook that keeps the output of one submodule (DRUPI's ``E(x)``)."""
 
-    def __init__(self, net: nn.Module, layer: str | None):
+    def __init__(self, net: nn.Module, layer: str | None, where: str = "evaluate_synthetic: privileged information "
+                 "needs the student's feature layer `feature_layer`"):
         self.value: Tensor | None = None
         self.active = False
         self.handle = None
@@ -487,9 +488,10 @@ class _FeatureTap:
             try:
                 module = net.get_submodule(layer)
             except AttributeError:
+                names = [n for n, _ in net.named_modules() if n][:12]
                 raise ValueError(
-                    f"evaluate_synthetic: privileged information needs the student's feature layer "
-                    f"`feature_layer`={layer!r}, but {type(net).__name__} has no such submodule."
+                    f"{where}={layer!r}, but {type(net).__name__} has no such submodule (it has: {', '.join(names)}"
+                    f"{', ...' if len(names) == 12 else ''})."
                 ) from None
             self.handle = module.register_forward_hook(self._hook)
 
@@ -531,7 +533,7 @@ def evaluate_synthetic(
     device: torch.device | str | None = None,
     vectorize: bool | str | None = None,
     progress: bool = False,
-    feature_layer: str = "encoder",
+    feature_layer: str | None = None,
     return_students: bool = False,
 ) -> EvaluationResult:
     """Train ``num_students`` fresh networks on ``synset`` and test them on ``datamodule``'s test split.
@@ -570,7 +572,8 @@ def evaluate_synthetic(
             ``ConvNet`` and ``torch.func.vmap(functional_call)`` for any other network (``"vmap"``
             forces the latter). Networks with BatchNorm always use the loop.
         progress: show a tqdm bar over epochs (rank 0 only).
-        feature_layer: submodule whose output is ``E(x)`` for privileged information.
+        feature_layer: submodule whose output is ``E(x)`` for privileged information (``None``: the
+            layer DRUPI stored in ``synset.metadata["privileged"]["layer"]``, else ``"encoder"``).
         return_students: keep the trained students in :attr:`EvaluationResult.students`.
 
     Returns:
@@ -612,6 +615,8 @@ def evaluate_synthetic(
     lrs = _resolve_lrs(lr, num_students, synset)
     mode = _resolve_soft_mode(use_soft_labels, teacher, synset)
     priv_weight, priv_kind, priv_pool = _resolve_privileged(privileged_weight, synset)
+    if feature_layer is None:
+        feature_layer = str((synset.metadata.get("privileged") or {}).get("layer") or "encoder")
     dsa_, cutmix_ = _resolve_dsa(dsa), _resolve_cutmix(cutmix)
 
     # ---- data and shapes

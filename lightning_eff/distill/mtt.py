@@ -399,6 +399,11 @@ class TrajectoryMatching(DistillationModule):
         target = expert.unflatten(expert.epochs[start_epoch + self.expert_epochs].to(self.device))
         names = list(start)
         params = [start[n].clone().requires_grad_(True) for n in names]
+        if len(self.plugins):  # plug-ins (e.g. SDC with network="method") see the student at the start epoch
+            step.net = copy.deepcopy(self._student)
+            with torch.no_grad():
+                for name, p in step.net.named_parameters():
+                    p.copy_(start[name])
         images, labels = self.syn_images, self.syn_labels
         n = images.shape[0]
         batch = n if self.batch_syn is None else min(self.batch_syn, n)

@@ -913,6 +913,15 @@ class NCFM(DistillationModule):
         """The decoded synthetic images of class ``c`` (``factor**2 * ipc`` images, differentiable)."""
         return decode_multi_formation(self.syn_class(c), self.factor)
 
+    def training_class(self, c: int) -> Tensor:
+        return self.decoded_class(c)
+
+    def training_images(self) -> tuple[Tensor, Tensor]:
+        """The decoded set (classes in order, as :meth:`synthetic_set`), differentiable."""
+        images = [self.decoded_class(c) for c in range(self.num_classes)]
+        labels = [torch.full((x.shape[0],), c, dtype=torch.long, device=x.device) for c, x in enumerate(images)]
+        return torch.cat(images), torch.cat(labels)
+
     def frequencies(self, feature_dim: int, generator: torch.Generator) -> Tensor:
         """``num_freqs`` frequencies: psi's (with reversed gradient) or ``N(0, I)``."""
         if self.psi is None:

@@ -176,6 +176,36 @@ class SyntheticSet:
             and self.metadata == other.metadata
         )
 
+    def storage(self) -> dict[str, int]:
+        """Bytes per stored field (images, labels, soft labels, privileged information, lr) and the total.
+
+        The storage-parity comparison of DRUPI: a set at IPC ``k - 1`` with privileged information
+        against IPC ``k`` without (the bytes of the tensors as stored, not of the file's metadata).
+
+        Example::
+
+            >>> s = SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10))
+            >>> s.storage()["images"], s.nbytes
+            (2560, 2640)
+        """
+        def size(t: Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        out = {
+            "images": size(self.images),
+            "labels": size(self.labels),
+            "soft_labels": size(self.soft_labels),
+            "privileged": size(self.privileged),
+            "lr": 0 if self.lr is None else 4,
+        }
+        out["total"] = sum(out.values())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the stored tensors (see :meth:`storage`)."""
+        return self.storage()["total"]
+
     def to_dataset(self, use_soft_labels: bool = False, with_privileged: bool = False) -> SyntheticSetDataset:
         return SyntheticSetDataset(self, use_soft_labels=use_soft_labels, with_privileged=with_privileged)
 
