@@ -12,8 +12,8 @@ distilled samples (per-sample gradient norm of the cross-entropy) under 3 *indep
 trained on the real data (not the networks SDC penalised under).
 
 DRUPI table. Fixed images (a DM-distilled set and a random real subset, both at IPC 4) get
-attention labels F (64 values per image, the average-pooled last conv block), compared at equal
-storage with IPC 5 without F (4 x (256 + 64) = 5 x 256 floats): learned F (gradient matching on F,
+attention labels F (32 values per image, the average-pooled last conv block), compared at equal
+storage with IPC 6 without F (4 x (64 + 32) = 6 x 64 floats): learned F (gradient matching on F,
 images fixed), the features of a pretrained network, the class-mean of those features, random F of
 the same scale, and no F; students train on CE + weight x MSE(pool(E(x)), F), weight in
 {0.01, 0.1, 1}.
@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = dict(image_size=16, channels=1)
-NET = dict(in_channels=1, num_classes=10, width=64, depth=3, image_size=16)
+DATA = dict(image_size=8, channels=1)
+NET = dict(in_channels=1, num_classes=10, width=32, depth=2, image_size=8)
 SDC_WEIGHTS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+PARITY_IPC = 6  # IPC 4 with 32-value attention labels stores as many floats as IPC 6 of 8x8 images
 DRUPI_WEIGHTS = (0.01, 0.1, 1.0)
 
 
@@ -98,6 +99,7 @@ def evaluate(synset, args, privileged_weight=None):
         epochs=args.eval_epochs,
         dsa=DSA(),
         seed=0,
+        net=_net(),
         privileged_weight=privileged_weight,
     )
     return res.mean, res.std
@@ -115,10 +117,11 @@ def sdc_table(args, quick: bool) -> list[dict]:
         )
 
     iters = {"gm": 10 if quick else 60, "mtt": 10 if quick else 120}
+    iters = {k: max(1, round(v * args.iters_scale)) for k, v in iters.items()}
     rows = []
     for method in ("gm", "mtt"):
         for ipc in (1, 5):
-            for w in SDC_WEIGHTS:
+            for w in args.sdc_weights:
                 plugins = [SDC(weight=w, num_nets=2, train_epochs=30, net_lr=0.1, seed=0)] if w > 0 else []
                 synset, wall = distil(method, ipc, iters[method], plugins, quick)
                 mean, std = evaluate(synset, args)
@@ -146,16 +149,16 @@ def drupi_table(args, quick: bool) -> list[dict]:
 
     ipc = 4
     tmp = Path(tempfile.mkdtemp())
-    dm_iters = 40 if quick else 300
+    dm_iters = max(1, round((40 if quick else 300) * args.iters_scale))
     sources = {}
     dm4, _ = distil("dm", ipc, dm_iters, [], quick)
-    dm5, _ = distil("dm", ipc + 1, dm_iters, [], quick)
+    dm5, _ = distil("dm", PARITY_IPC, dm_iters, [], quick)
     sources["DM"] = (dm4, dm5)
     sources["random real"] = (
         SyntheticSet.random_subset(DM, ipc, seed=0),
-        SyntheticSet.random_subset(DM, ipc + 1, seed=0),
+        SyntheticSet.random_subset(DM, PARITY_IPC, seed=0),
     )
-    learn_iters = 10 if quick else 100
+    learn_iters = max(1, round((10 if quick else 100) * args.iters_scale))
     rows = []
 
     def add(source, variant, weight, synset, wall=None):
@@ -182,7 +185,7 @@ def drupi_table(args, quick: bool) -> list[dict]:
     for source, (four, five) in sources.items():
         path = four.save(tmp / f"{source.replace(' ', '_')}.pt")
         add(source, "no F (IPC 4)", 0.0, four)
-        add(source, "no F (IPC 5)", 0.0, five)
+        add(source, f"no F (IPC {PARITY_IPC})", 0.0, five)
         for weight in DRUPI_WEIGHTS:
             for variant, init, learn in (
                 ("learned F", "pretrained", True),
@@ -218,6 +221,10 @@ def main() -> None:
     parser.add_argument(
         "--eval-epochs", type=int, default=None, help="student epochs (default 150; 20 with --quick)"
     )
+    parser.add_argument(
+        "--iters-scale", type=float, default=1.0, help="multiply every distillation's iterations"
+    )
+    parser.add_argument("--sdc-weights", type=float, nargs="+", default=list(SDC_WEIGHTS))
     parser.add_argument("--out", default="benchmarks/results/plugins.json")
     args = parser.parse_args()
     quick = args.quick
@@ -227,16 +234,20 @@ def main() -> None:
     from lightning_eff.data import DigitsDataModule
     from lightning_eff.distill import train_experts
 
+    scale = "" if args.iters_scale == 1 else f" x {args.iters_scale} (--iters-scale)"
     protocol = {
         "data": f"sklearn digits, {DATA['image_size']} px, split 1258/180/359 (seed 0)",
-        "networks": f"ConvNet-3 width {NET['width']} (instance norm), DSA, init from real images (seed 0)",
+        "networks": f"ConvNet-{NET['depth']} width {NET['width']} (instance norm), DSA, init from real images (seed 0)",
         "sdc": "synthetic mode, 2 SDC networks trained 30 epochs (SGD 0.1); GM 60 iterations (official loops, "
-        "image lr 0.1), MTT 120 iterations (5 experts x 15 epochs, N = 20 / 10, M = 2, image lr 100); difficulty "
+        "image lr 0.1), MTT 120 iterations (5 experts x 15 epochs, N = 20 / 10, M = 2, image lr 100)"
+        + scale
+        + "; difficulty "
         "= mean per-sample gradient norm under 3 independent networks (30 epochs, SGD 0.1)",
-        "drupi": "attention labels (avg-pooled last conv block, 64 values), IPC 4 + F vs IPC 5 without (equal "
+        "drupi": "attention labels (avg-pooled last conv block, 32 values), IPC 4 + F vs IPC 6 without (equal "
         "bytes); learned F: 100 iterations of DRUPI gradient matching (F SGD 0.1 momentum 0.5), images fixed; "
-        "DM images: 300 iterations",
-        "evaluation": f"{args.students} fresh ConvNet-3 (width 128) students per set, SGD 0.01 momentum 0.9, "
+        "DM images: 300 iterations" + scale,
+        "evaluation": f"{args.students} fresh ConvNet-2 width 32 students per set (the distillation architecture: F's layer "
+        "must match), SGD 0.01 momentum 0.9, "
         f"{args.eval_epochs} epochs, DSA, final test accuracy on the 359 test images; same student seeds for every set",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
     }

@@ -767,7 +767,8 @@ def _check_privileged_shape(template: nn.Module, synset: SyntheticSet, layer: st
         want = tuple(feat.shape[1:]) if kind == "feature" else (feat.shape[1],)
         raise ValueError(
             f"evaluate_synthetic: privileged information of kind {kind!r} must have {expected} values per image "
-            f"(the student's `{layer}` gives {want}), got {tuple(synset.privileged.shape[1:])}."
+            f"(the student's `{layer}` gives {want}), got {tuple(synset.privileged.shape[1:])}: evaluate with the "
+            f"architecture the labels were learned with (pass net=...)."
         )
 
 
