@@ -380,3 +380,35 @@ def test_static_set_keeps_the_method_of_a_learning_free_plugin_list_clear():
     with pytest.raises(ValueError, match="noise"):
         StaticSet(small_net(), ipc=1, init="noise", plugins=[DRUPI()])
     assert isinstance(DRUPI(), nn.Module)
+
+
+# ---------------------------------------------------------------- DDP
+class _DDPGM(GradientMatching):
+    """GM + SDC + DRUPI under 2-process DDP: gathers the images and F of every rank at the end."""
+
+    def __init__(self, out):
+        super().__init__(
+            small_net(),
+            ipc=1,
+            batch_real=16,
+            outer_loop=2,
+            inner_loop=1,
+            plugins=[SDC(weight=0.1, num_nets=1, train_epochs=2), DRUPI(kind="attention", batch_real=16)],
+        )
+        self.out = out
+
+    def on_train_end(self):
+        images = self.all_gather(self.syn_images.detach())
+        labels = self.all_gather(self.plugins[1].F.detach())
+        if self.global_rank == 0:
+            torch.save({"images": images, "F": labels}, self.out)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_keeps_images_and_privileged_labels_identical(tmp_path):
+    out = tmp_path / "ddp.pt"
+    dm = DigitsDataModule(image_size=8)
+    trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2).fit(_DDPGM(str(out)), datamodule=dm)
+    gathered = torch.load(out)
+    assert torch.equal(gathered["images"][0], gathered["images"][1])
+    assert torch.equal(gathered["F"][0], gathered["F"][1])
