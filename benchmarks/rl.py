@@ -19,7 +19,8 @@ Protocol (printed at the start of every run):
 Usage::
 
     python benchmarks/rl.py --quick                      # < 1 min smoke run
-    python benchmarks/rl.py --env-steps 20000            # CPU, ~1 h on 2 shared cores
+    python benchmarks/rl.py --env-steps 25000 --eval-episodes 10   # CPU: 57 min on 2 cores shared with other
+                                                                   # jobs (the README's figures)
     python benchmarks/rl.py --device cuda --num-envs 12 --env-steps 200000 --train-ratio 64
 """
 
@@ -298,14 +299,18 @@ def main() -> None:
     res = learn(args)
     results.update(res)
     print(f"\nheld-out driving after {args.env_steps} env steps ({res['train_wall_s'] / 60:.1f} min of training)")
-    print(f"  {'scenario':14s} {'policy':12s} {'DS':>6s} {'RC':>6s} {'coll':>6s} {'blocked':>8s} {'return':>8s}")
-    print("  (Think2Drive: greedy actor; T2D sampled: actions sampled from the actor)")
+    print(f"  {'scenario':14s} {'policy':12s} {'DS':>6s} {'RC':>6s} {'coll':>6s} {'off-route':>9s} {'blocked':>8s} "
+          f"{'time-out':>8s} {'return':>8s}")
+    print("  (Think2Drive: greedy actor; T2D sampled: actions sampled from the actor; coll / off-route / blocked /")
+    print("   time-out: fraction of episodes ended by a collision, by leaving the route or the road, by standing")
+    print("   still, by the scenario's time limit)")
     for scenario in [*args.eval_scenarios, "all"]:
         for name, table in (("random", res["baselines"]["random"]), ("IDM", res["baselines"]["idm"]),
                             ("Think2Drive", res["think2drive"]), ("T2D sampled", res["think2drive_sampled"])):
             row = table[scenario]
             print(f"  {scenario:14s} {name:12s} {row['driving_score']:6.3f} {row['route_completion']:6.3f} "
-                  f"{row['collision']:6.2f} {row['timeout']:8.2f} {row['return']:8.1f}")
+                  f"{row['collision']:6.2f} {row['route_deviation']:9.2f} {row['timeout']:8.2f} "
+                  f"{row['route_timeout']:8.2f} {row['return']:8.1f}")
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
