@@ -8,6 +8,7 @@ Usage::
         --trainer.logger.project my-project
     lightning-eff test --config configs/ko/digits.yaml --ckpt_path path/to/last.ckpt
     lightning-eff rank --config configs/ranking/digits.yaml --synthetic path/to/synthetic_set.pt
+    lightning-eff pipeline --config configs/pipeline/digits_ncfm_sdc_drupi_rank_ko.yaml
 
 What this adds to a plain ``LightningCLI``:
 
@@ -115,14 +116,15 @@ class LightningEffCLI(LightningCLI):
 
 
 #: Subcommands that are not Trainer methods: name -> module with ``main(argv) -> int``.
-EXTRA_SUBCOMMANDS: dict[str, str] = {"rank": "lightning_eff.ranking.cli"}
+EXTRA_SUBCOMMANDS: dict[str, str] = {"rank": "lightning_eff.ranking.cli", "pipeline": "lightning_eff.pipeline"}
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-eff`` console script.
 
     ``lightning-eff {fit,validate,test,predict} ...`` is LightningCLI; ``lightning-eff rank ...`` runs
-    the DD-Ranking evaluator (``lightning_eff.ranking.cli``).
+    the DD-Ranking evaluator (``lightning_eff.ranking.cli``); ``lightning-eff pipeline ...`` runs the stages
+    of a pipeline YAML in order (``lightning_eff.pipeline``).
     """
     args = list(args if args is not None else sys.argv[1:])
     if args and args[0] in EXTRA_SUBCOMMANDS:

@@ -13,7 +13,11 @@ import yaml
 from lightning_eff.cli import LightningEffCLI
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
+# configs/sweeps (W&B sweeps) and configs/pipeline (`lightning-eff pipeline` files, covered by
+# tests/test_pipeline.py) are not LightningCLI configs
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts and "pipeline" not in p.parts
+)
 BASE_FOR_FRAGMENTS = ROOT / "configs" / "classify" / "digits_convnet.yaml"
 SCRIPT = Path(sys.executable).with_name("lightning-eff")
 

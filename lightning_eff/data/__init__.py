@@ -2,13 +2,15 @@
 
 All derive from :class:`ClassificationDataModule`, the API other components (dataset distillation,
 selection, evaluation) rely on. Nothing here downloads: :class:`DigitsDataModule` uses scikit-learn's bundled
-digits, the others read a local ``root``.
+digits, the others read a local ``root``;
+:class:`SyntheticSetDataModule` trains on a saved synthetic set and validates/tests on a real DataModule.
 """
 
 from lightning_eff.data.base import ClassificationDataModule, ImageTensorDataset
 from lightning_eff.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_eff.data.digits import DigitsDataModule
 from lightning_eff.data.folder import ImageFolderDataModule
+from lightning_eff.data.synthetic import SyntheticSetDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -17,4 +19,5 @@ __all__ = [
     "DigitsDataModule",
     "ImageFolderDataModule",
     "ImageTensorDataset",
+    "SyntheticSetDataModule",
 ]
