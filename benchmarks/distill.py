@@ -59,13 +59,14 @@ def _build(method: str, ipc: int, quick: bool):
     raise ValueError(method)
 
 
-def run_one(method: str, ipc: int, iterations: int, out: str, quick: bool) -> None:
+def run_one(method: str, ipc: int, iterations: int, out: str, quick: bool, threads: int | None = None) -> None:
     """Distil one set (child process): writes the set and a JSON of timings and memory."""
     import lightning as L
 
     from lightning_eff.data import DigitsDataModule
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # on a shared machine use --threads 1: oversubscribed intra-op threads slowed GM 20x in one run
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     cuda = torch.cuda.is_available()
     times: list[float] = []
 
@@ -110,11 +111,13 @@ def main() -> None:
     parser.add_argument("--students", type=int, default=5)
     parser.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default 300; 60 with --quick)")
     parser.add_argument("--iters-scale", type=float, default=1.0, help="multiply every method's iterations")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
+    parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--out", default="benchmarks/results/distill.json")
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "IPC", "ITERS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.one[3], args.quick)
+        run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.one[3], args.quick, args.threads)
         return
 
     from lightning_eff.data import DigitsDataModule
@@ -147,7 +150,9 @@ def main() -> None:
     dm.setup("fit")
     rows = []
     tmp = tempfile.mkdtemp()
-    for ipc in (1, 10):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for ipc in args.ipcs:
         # the baseline: random real subsets, one per student (redrawn per run)
         accs = []
         for s in range(args.students):
@@ -162,6 +167,8 @@ def main() -> None:
             cmd = [sys.executable, "-m", "benchmarks.distill", "--one", method, str(ipc), str(iters[method]), out]
             if quick:
                 cmd.append("--quick")
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"distilling {method} at IPC {ipc} failed:\n{proc.stderr[-3000:]}")
@@ -174,7 +181,7 @@ def main() -> None:
 
     print("\n| IPC | method | test acc (mean +- std) | s / iteration (median) | peak memory (MB) | beats random by > spread |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for ipc in (1, 10):
+    for ipc in args.ipcs:
         base = next(r for r in rows if r["ipc"] == ipc and r["method"] == "random real")
         for r in (r for r in rows if r["ipc"] == ipc):
             spread = max(r["acc_std"], base["acc_std"])

@@ -225,11 +225,12 @@ def main() -> None:
         "--iters-scale", type=float, default=1.0, help="multiply every distillation's iterations"
     )
     parser.add_argument("--sdc-weights", type=float, nargs="+", default=list(SDC_WEIGHTS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out", default="benchmarks/results/plugins.json")
     args = parser.parse_args()
     quick = args.quick
     args.eval_epochs = args.eval_epochs or (20 if quick else 150)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
 
     from lightning_eff.data import DigitsDataModule
     from lightning_eff.distill import train_experts
