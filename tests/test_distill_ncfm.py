@@ -247,7 +247,7 @@ def test_feature_networks_are_trained_saved_and_interpolated(digits, feature_fil
     again = FeatureNetworks.load(tmp_path / "copy.pt")
     assert all(torch.equal(again.trained[n], nets.trained[n]) for n in nets.names)
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not readable"):
+    with pytest.raises(ValueError, match="not a readable NCFM feature-networks file"):
         FeatureNetworks.load(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not match"):
         nets.check_compatible(tiny_net(width=4))

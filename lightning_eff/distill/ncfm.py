@@ -66,7 +66,6 @@ Departures from the official code, and why:
 from __future__ import annotations
 
 import copy
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -84,7 +83,8 @@ from lightning_eff.distill.base import (
     _seed_from,
     reinitialized,
 )
-from lightning_eff.distill.synthetic import SyntheticSet, _atomic_write_bytes
+from lightning_eff.distill.synthetic import SyntheticSet
+from lightning_eff.utils.io import load_versioned, save_versioned
 
 __all__ = [
     "NCFM",
@@ -514,36 +514,18 @@ class FeatureNetworks:
                 own[n].copy_(state[n])
 
     def save(self, path: str | Path) -> Path:
-        data = {
-            "format": FEATURE_NETS_FORMAT,
-            "format_version": FEATURE_NETS_VERSION,
+        """Write the networks atomically (a versioned ``torch.save`` file, see :mod:`lightning_eff.utils.io`)."""
+        return save_versioned(path, FEATURE_NETS_FORMAT, FEATURE_NETS_VERSION, {
             "names": self.names,
             "init": {n: v.cpu() for n, v in self.init.items()},
             "trained": {n: v.cpu() for n, v in self.trained.items()},
             "metadata": self.metadata,
-        }
-        buffer = io.BytesIO()
-        torch.save(data, buffer)
-        path = Path(path)
-        _atomic_write_bytes(path, buffer.getvalue())
-        return path
+        })
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureNetworks:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no NCFM feature networks at {path}")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{path} is not readable NCFM feature networks (corrupt or truncated?): {err}") from None
-        if not isinstance(data, dict) or data.get("format") != FEATURE_NETS_FORMAT:
-            raise ValueError(f"{path} is not a lightning-eff NCFM feature-networks file")
-        if data.get("format_version") != FEATURE_NETS_VERSION:
-            raise ValueError(
-                f"{path} has feature-networks format version {data.get('format_version')!r}; this version reads "
-                f"{FEATURE_NETS_VERSION}"
-            )
+        """Read a file of :meth:`save`; a missing, corrupt, foreign or other-version file raises a clear error."""
+        data = load_versioned(path, FEATURE_NETS_FORMAT, FEATURE_NETS_VERSION, "NCFM feature-networks file")
         return cls(data["names"], data["init"], data["trained"], data.get("metadata"))
 
 

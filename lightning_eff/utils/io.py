@@ -50,7 +50,8 @@ def load_versioned(
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... on bad files
-        raise ValueError(f"{path} is not a readable {what} (corrupt or truncated file?): {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable {what} (corrupt or truncated file?): {first[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise ValueError(f"{path} is not a lightning-eff {what} (no '{fmt}' header)")
     if data.get("format_version") != version:
