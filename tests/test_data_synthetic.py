@@ -247,3 +247,23 @@ data:
     dm = cli.datamodule
     assert isinstance(dm, SyntheticSetDataModule) and isinstance(dm.real, DigitsDataModule)
     assert isinstance(dm.augment, DSA) and dm.batch_size == 16 and dm.path == path
+
+
+def test_image_classifier_trains_on_soft_labels(set_path, tmp_path):
+    """Soft targets reach ImageClassifier as probabilities: CE against them, accuracy against their arg-max."""
+    path, synset = set_path
+    # soft labels that point at a *wrong* class: the student must follow them, not the hard labels
+    wrong = (synset.labels + 1) % 10
+    soft = torch.nn.functional.one_hot(wrong, 10).float() * 0.9 + 0.01
+    p = SyntheticSet(synset.images, synset.labels, soft_labels=soft,
+                     metadata=dict(synset.metadata, soft_label_kind="probabilities")).save(tmp_path / "soft.pt")
+    dm = SyntheticSetDataModule(str(p), DigitsDataModule(image_size=8), use_soft_labels=True, batch_size=30)
+    torch.manual_seed(0)
+    model = ImageClassifier(ConvNet(in_channels=1, num_classes=10, width=16, depth=2, image_size=8))
+    _trainer(tmp_path, max_epochs=60, limit_val_batches=0).fit(model, datamodule=dm)
+    model.eval()
+    with torch.no_grad():
+        pred = model(synset.images).argmax(1)
+    assert (pred == wrong).float().mean() > 0.9
+    with pytest.raises(ValueError, match="soft targets of shape"):
+        model.training_step((synset.images[:2], torch.rand(2, 7)), 0)

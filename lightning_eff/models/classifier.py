@@ -267,16 +267,25 @@ class ImageClassifier(L.LightningModule):
     def _shared_step(self, batch: Any, batch_idx: int, stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch
         logits = self(x)
+        # ``y``: class indices [B], or class probabilities [B, K] (soft labels, e.g. from
+        # SyntheticSetDataModule(use_soft_labels=True)): cross-entropy against the distribution,
+        # accuracy against its arg-max
+        soft = y.is_floating_point() and y.ndim == 2
+        if soft and y.shape != logits.shape:
+            raise ValueError(
+                f"{type(self).__name__}: soft targets of shape {tuple(y.shape)} do not match the logits "
+                f"{tuple(logits.shape)}"
+            )
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self._check_finite(loss, stage, batch_idx)
-        metric.update(logits.detach(), y)
+        metric.update(logits.detach(), y.argmax(1) if soft else y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Cross-entropy on one ``(images, labels)`` batch."""
+        """Cross-entropy on one ``(images, labels)`` batch (labels: indices, or probabilities ``[B, K]``)."""
         return self._shared_step(batch, batch_idx, "train", self.train_acc)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
