@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import lightning as L
@@ -267,3 +268,30 @@ def test_image_classifier_trains_on_soft_labels(set_path, tmp_path):
     assert (pred == wrong).float().mean() > 0.9
     with pytest.raises(ValueError, match="soft targets of shape"):
         model.training_step((synset.images[:2], torch.rand(2, 7)), 0)
+
+
+def test_image_classifier_trains_on_privileged_labels(set_path, tmp_path):
+    """DRUPI's labels reach ImageClassifier: the feature term is applied and pulls E(x) toward F."""
+    path, synset = set_path
+    # attention labels for a width-16 ConvNet, far from what CE alone produces: 0 on 8 channels, 2 on 8
+    target = torch.cat([torch.zeros(len(synset), 8), torch.full((len(synset), 8), 2.0)], dim=1)
+    meta = dict(synset.metadata, privileged={"kind": "attention", "pooling": "avg", "layer": "encoder", "weight": 50.0})
+    p = SyntheticSet(synset.images, synset.labels, privileged=target, metadata=meta).save(tmp_path / "priv.pt")
+    with pytest.raises(ValueError, match="no privileged information"):
+        SyntheticSetDataModule(path, DigitsDataModule(image_size=8), use_privileged=True).setup("fit")
+
+    def fit(weight):
+        dm = SyntheticSetDataModule(str(p), DigitsDataModule(image_size=8), use_privileged=True, batch_size=30,
+                                    augment=DSA(strategy="flip"))
+        torch.manual_seed(0)
+        model = ImageClassifier(ConvNet(in_channels=1, num_classes=10, width=16, depth=2, image_size=8),
+                                optimizer=functools.partial(torch.optim.Adam, lr=0.02), privileged_weight=weight)
+        _trainer(tmp_path, max_epochs=150, limit_val_batches=0).fit(model, datamodule=dm)
+        model.eval()
+        with torch.no_grad():
+            pooled = model.net.encoder(synset.images).mean(dim=(-2, -1))
+        return (pooled - target).square().mean().item()
+
+    assert fit(None) < 0.5 * fit(0.0)  # weight from the set (50) vs the term switched off
+    with pytest.raises(ValueError, match="privileged_weight"):
+        ImageClassifier(ConvNet(in_channels=1, num_classes=10, width=16, depth=2, image_size=8), privileged_weight=-1)

@@ -66,6 +66,9 @@ class SyntheticSetDataModule(ClassificationDataModule):
             distilled data); ``None``: no augmentation. Validation and test batches are never augmented.
         seed: seed of the augmentation draws (their generator is saved in checkpoints, so a resumed fit
             continues the same sequence).
+        use_privileged: serve ``(image, target, F)`` with DRUPI's privileged labels ``F``; ``ImageClassifier``
+            then adds ``weight * MSE(pool(E(x)), F)`` as the set's ``metadata["privileged"]`` says
+            (:attr:`privileged_info`). The set must have privileged information.
 
     Raises:
         FileNotFoundError: (in ``setup``) ``path`` does not exist.
@@ -97,6 +100,7 @@ class SyntheticSetDataModule(ClassificationDataModule):
         use_soft_labels: bool = False,
         augment: Any | None = None,
         seed: int = 0,
+        use_privileged: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         name = type(self).__name__
@@ -113,6 +117,8 @@ class SyntheticSetDataModule(ClassificationDataModule):
             raise TypeError(f"{name}: `real` must be a real-data DataModule, not another {name}.")
         if not isinstance(use_soft_labels, bool):
             raise TypeError(f"{name}: `use_soft_labels` must be a bool, got {use_soft_labels!r}.")
+        if not isinstance(use_privileged, bool):
+            raise TypeError(f"{name}: `use_privileged` must be a bool, got {use_privileged!r}.")
         if augment is not None and not callable(augment):
             raise TypeError(
                 f"{name}: `augment` must be None or a callable `(images, generator=...) -> images` such as "
@@ -121,6 +127,7 @@ class SyntheticSetDataModule(ClassificationDataModule):
         self.path = path
         self.real = real
         self.use_soft_labels = use_soft_labels
+        self.use_privileged = use_privileged
         self.augment = augment
         self.seed = _check_int(name, "seed", seed)
         self.save_hyperparameters(ignore=["real", "augment"])
@@ -162,6 +169,13 @@ class SyntheticSetDataModule(ClassificationDataModule):
         return self.real.test_set
 
     @property
+    def privileged_info(self) -> dict[str, Any] | None:
+        """``metadata["privileged"]`` of the set (kind, pooling, layer, weight) when its labels are served."""
+        if not self.use_privileged or self._synset is None:
+            return None
+        return dict(self._synset.metadata.get("privileged") or {"kind": "feature", "pooling": "avg"})
+
+    @property
     def synthetic_set(self) -> SyntheticSet:
         """The loaded :class:`~lightning_eff.distill.SyntheticSet` (with its privileged information, lr, metadata)."""
         return self._require("synthetic_set", self._synset)
@@ -181,7 +195,15 @@ class SyntheticSetDataModule(ClassificationDataModule):
             self._check_against_real(synset)
             self._synset = synset
             images, labels = synset.images.float(), synset.labels.long()
-            if self.use_soft_labels:
+            if self.use_privileged:
+                if synset.privileged is None:
+                    raise ValueError(
+                        f"{type(self).__name__}: use_privileged=True but the set at {self.path!r} has no privileged "
+                        f"information (learn it with the DRUPI plug-in)."
+                    )
+                targets = self._soft_targets(synset) if self.use_soft_labels else labels
+                self._train_set = TensorDataset(images, targets, synset.privileged.float())
+            elif self.use_soft_labels:
                 self._train_set = TensorDataset(images, self._soft_targets(synset))
             else:
                 self._train_set = ImageTensorDataset(images, labels)
@@ -263,8 +285,8 @@ class SyntheticSetDataModule(ClassificationDataModule):
             return batch
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)
-        x, y = batch
-        return self.augment(x, generator=self._generator), y
+        x, *rest = batch
+        return (self.augment(x, generator=self._generator), *rest)
 
     def state_dict(self) -> dict[str, Any]:
         """The augmentation generator's state (saved in checkpoints)."""

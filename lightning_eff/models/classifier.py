@@ -135,6 +135,8 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
+        privileged_weight: float | None = None,
+        feature_layer: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -158,6 +160,19 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(
                 f"ImageClassifier: `label_smoothing` must be a float in [0, 1), got {label_smoothing!r}."
             )
+        if privileged_weight is not None and (
+            isinstance(privileged_weight, bool)
+            or not isinstance(privileged_weight, (int, float))
+            or not privileged_weight >= 0
+        ):
+            raise ValueError(
+                f"ImageClassifier: `privileged_weight` must be None or a number >= 0, got {privileged_weight!r}."
+            )
+        if feature_layer is not None and (not isinstance(feature_layer, str) or not feature_layer):
+            raise ValueError(f"ImageClassifier: `feature_layer` must be None or a submodule name, got {feature_layer!r}.")
+        self.privileged_weight = None if privileged_weight is None else float(privileged_weight)
+        self.feature_layer = feature_layer
+        self._tap = None
         self.net = net
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -174,7 +189,12 @@ class ImageClassifier(L.LightningModule):
             # Built by LightningCLI: it hands over the parsed config (plain data + its instantiator).
             self.save_hyperparameters()
             return
-        hparams: dict[str, Any] = {"label_smoothing": self.label_smoothing, "_instantiator": _INSTANTIATOR}
+        hparams: dict[str, Any] = {
+            "label_smoothing": self.label_smoothing,
+            "privileged_weight": self.privileged_weight,
+            "feature_layer": self.feature_layer,
+            "_instantiator": _INSTANTIATOR,
+        }
         net_config = _net_config(self.net)
         if net_config is None:
             rank_zero_warn(
@@ -285,8 +305,47 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Cross-entropy on one ``(images, labels)`` batch (labels: indices, or probabilities ``[B, K]``)."""
+        """Cross-entropy on one ``(images, labels)`` batch (labels: indices, or probabilities ``[B, K]``).
+
+        A third element ``F`` (``SyntheticSetDataModule(use_privileged=True)``: DRUPI's privileged
+        labels) adds ``weight * MSE(pool(E(x)), F)`` with ``E`` the output of ``feature_layer``; kind,
+        pooling, layer and weight default to what the set stores (DRUPI, arXiv 2410.01611, Eq. 2).
+        """
+        if isinstance(batch, (tuple, list)) and len(batch) == 3:
+            return self._privileged_step(batch, batch_idx)
         return self._shared_step(batch, batch_idx, "train", self.train_acc)
+
+    def _privileged_step(self, batch: Any, batch_idx: int) -> Tensor:
+        from lightning_eff.distill.evaluate import _FeatureTap, privileged_loss
+
+        x, y, target = batch
+        trainer = getattr(self, "_trainer", None)
+        info = getattr(getattr(trainer, "datamodule", None), "privileged_info", None)
+        if not info:
+            raise ValueError(
+                f"{type(self).__name__}: the training batches carry privileged labels, but the DataModule does not "
+                f"describe them (use SyntheticSetDataModule(use_privileged=True) on a set saved by DRUPI)."
+            )
+        weight = self.privileged_weight if self.privileged_weight is not None else float(info.get("weight", 0.0))
+        layer = self.feature_layer or info.get("layer") or "encoder"
+        if self._tap is None:
+            self._tap = _FeatureTap(self.net, layer, where=f"{type(self).__name__}: privileged labels need `feature_layer`")
+        self._tap.active = True
+        try:
+            logits = self(x)
+            feats = self._tap.take()
+        finally:
+            self._tap.active = False
+        soft = y.is_floating_point() and y.ndim == 2
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        priv = privileged_loss(feats, target, info.get("kind", "feature"), info.get("pooling", "avg"))
+        loss = ce + weight * priv
+        self._check_finite(loss, "train", batch_idx)
+        self.train_acc.update(logits.detach(), y.argmax(1) if soft else y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/privileged_loss", priv.detach(), on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Validation loss and accuracy."""
