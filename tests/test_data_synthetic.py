@@ -295,3 +295,13 @@ def test_image_classifier_trains_on_privileged_labels(set_path, tmp_path):
     assert fit(None) < 0.5 * fit(0.0)  # weight from the set (50) vs the term switched off
     with pytest.raises(ValueError, match="privileged_weight"):
         ImageClassifier(ConvNet(in_channels=1, num_classes=10, width=16, depth=2, image_size=8), privileged_weight=-1)
+
+
+def test_privileged_labels_of_another_architecture_are_a_clear_error(set_path, tmp_path):
+    path, synset = set_path
+    meta = dict(synset.metadata, privileged={"kind": "attention", "pooling": "avg", "layer": "encoder", "weight": 1.0})
+    p = SyntheticSet(synset.images, synset.labels, privileged=torch.zeros(len(synset), 7), metadata=meta)
+    dm = SyntheticSetDataModule(str(p.save(tmp_path / "p.pt")), DigitsDataModule(image_size=8), use_privileged=True)
+    model = ImageClassifier(ConvNet(in_channels=1, num_classes=10, width=16, depth=2, image_size=8))
+    with pytest.raises(ValueError, match="architecture the labels were learned with"):
+        _trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(model, datamodule=dm)

@@ -336,9 +336,17 @@ class ImageClassifier(L.LightningModule):
             feats = self._tap.take()
         finally:
             self._tap.active = False
+        kind = info.get("kind", "feature")
+        want = feats[0].numel() if kind == "feature" else feats.shape[1]
+        if feats.ndim != 4 or target[0].numel() != want:
+            raise ValueError(
+                f"{type(self).__name__}: privileged labels of kind {kind!r} hold {target[0].numel()} values per image "
+                f"but `{layer}` of {type(self.net).__name__} gives {tuple(feats.shape[1:])}: train the student with "
+                f"the architecture the labels were learned with."
+            )
         soft = y.is_floating_point() and y.ndim == 2
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        priv = privileged_loss(feats, target, info.get("kind", "feature"), info.get("pooling", "avg"))
+        priv = privileged_loss(feats, target, kind, info.get("pooling", "avg"))
         loss = ce + weight * priv
         self._check_finite(loss, "train", batch_idx)
         self.train_acc.update(logits.detach(), y.argmax(1) if soft else y)
