@@ -36,7 +36,9 @@ selected real subset) with :class:`StaticSet`. The set's ``privileged`` field ho
 pretrained-net features (``"pretrained"``), the class mean of the pretrained features over the
 real images (``"class_mean"``), Gaussian noise of the same scale (``"random"``) or zeros.
 
-Departures from the official code: one F per sample (the official ``n_feat`` copies default to 1);
+Departures from the official code: F is learned by the DC gradient-matching procedure whatever the
+host method is (the paper's trajectory-matching variant, F learned by backpropagating through the
+unrolled student, is not implemented); one F per sample (the official ``n_feat`` copies default to 1);
 the official re-trains a "pretrained" net on the whole real set every outer loop for a feature
 strategy that its default (``use_feature="mean"``) never reads: we train it once, for the
 initialisation only.
