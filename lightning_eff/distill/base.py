@@ -59,15 +59,18 @@ def _seed_from(*parts: Any) -> int:
 def reinitialized(template: nn.Module, seed: int, device: torch.device | str | None = None) -> nn.Module:
     """A deep copy of ``template`` with every ``reset_parameters`` re-run under ``seed``.
 
-    The global RNG is left untouched (``torch.random.fork_rng``), so drawing networks does not
-    perturb anything else and the same seed gives the same network on every rank.
+    The initialisation is drawn on the CPU, whatever device the template is on, with the global
+    RNG left untouched (``torch.random.fork_rng``): drawing networks perturbs nothing else and the
+    same seed gives the same network on every rank and device. The copy is moved to ``device``
+    (default: it stays on the CPU).
     """
-    net = copy.deepcopy(template)
+    net = copy.deepcopy(template).cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in net.modules():
-            if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
     net.requires_grad_(True)
     return net.to(device) if device is not None else net
 

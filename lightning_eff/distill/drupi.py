@@ -60,7 +60,7 @@ from lightning_eff.distill.base import (
     _seed_from,
     train_reference_networks,
 )
-from lightning_eff.distill.evaluate import _FeatureTap
+from lightning_eff.distill.evaluate import _FeatureTap, pool_privileged
 from lightning_eff.distill.gm import DISTANCES, get_loops, gradient_distance
 
 if TYPE_CHECKING:
@@ -71,12 +71,6 @@ __all__ = ["DRUPI", "StaticSet"]
 KINDS = ("feature", "attention")
 POOLINGS = ("avg", "max")
 INITS = ("pretrained", "class_mean", "random", "zeros")
-
-
-def _pool(features: Tensor, kind: str, pooling: str) -> Tensor:
-    if kind == "feature":
-        return features
-    return features.mean(dim=(-2, -1)) if pooling == "avg" else features.amax(dim=(-2, -1))
 
 
 class DRUPI(DistillPlugin):
@@ -183,7 +177,7 @@ class DRUPI(DistillPlugin):
                 f"DRUPI: the output of layer {self.layer!r} must be a feature map [B, C, h, w], got "
                 f"{None if not isinstance(feat, Tensor) else tuple(feat.shape)}"
             )
-        return tuple(_pool(feat, self.kind, self.pooling).shape[1:])
+        return tuple(pool_privileged(feat, self.kind, self.pooling).shape[1:])
 
     def features(
         self, net: nn.Module, images: Tensor, tap: _FeatureTap | None = None
@@ -199,7 +193,7 @@ class DRUPI(DistillPlugin):
             tap.active = False
             if own:
                 tap.remove()
-        return logits, _pool(feat, self.kind, self.pooling)
+        return logits, pool_privileged(feat, self.kind, self.pooling)
 
     def setup(self, module: DistillationModule) -> None:
         template = module.net_template

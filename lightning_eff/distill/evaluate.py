@@ -164,12 +164,19 @@ def soft_label_loss(logits: Tensor, target_probs: Tensor, kind: str = "sce", tem
     return soft_label_terms(logits, target_probs, kind, temperature).mean()
 
 
+def pool_privileged(features: Tensor, kind: str = "feature", pooling: str = "avg") -> Tensor:
+    """DRUPI's ``pool(E(x))``: ``features [..., C, h, w]`` as is (``"feature"``), or pooled over space to
+    ``[..., C]`` (``"attention"``, ``pooling`` ``"avg"`` or ``"max"``)."""
+    if kind == "feature":
+        return features
+    return features.mean(dim=(-2, -1)) if pooling == "avg" else features.amax(dim=(-2, -1))
+
+
 def privileged_terms(features: Tensor, target: Tensor, kind: str = "feature", pooling: str = "avg") -> Tensor:
     """Per-sample DRUPI term over any leading dims: ``features [..., C, h, w]``, ``target [..., *F]`` -> ``[...]``."""
-    if kind == "attention":
-        pred = features.mean(dim=(-2, -1)) if pooling == "avg" else features.amax(dim=(-2, -1))
-    else:
-        pred = features.flatten(-3)
+    pred = pool_privileged(features, kind, pooling)
+    if kind == "feature":
+        pred = pred.flatten(-3)
     return (pred - target.reshape(pred.shape)).square().mean(-1)
 
 
@@ -358,15 +365,10 @@ def _test_tensors(datamodule: Any) -> tuple[Tensor, Tensor]:
 
 
 def _reinitialized(template: nn.Module, seed: int) -> nn.Module:
-    """Deep copy of ``template`` on the CPU with every ``reset_parameters`` re-run under ``seed``."""
-    net = copy.deepcopy(template).cpu()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in net.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    return net.requires_grad_(True).train()
+    """A student: :func:`~lightning_eff.distill.base.reinitialized` on the CPU, in training mode."""
+    from lightning_eff.distill.base import reinitialized
+
+    return reinitialized(template, seed).train()
 
 
 def _has_batchnorm(net: nn.Module) -> bool:
@@ -761,7 +763,7 @@ def _check_privileged_shape(template: nn.Module, synset: SyntheticSet, layer: st
             f"evaluate_synthetic: the student's `{layer}` output must be a feature map [B, C, h, w] for privileged "
             f"information, got {None if feat is None else tuple(feat.shape)}."
         )
-    expected = feat[0].numel() if kind == "feature" else feat.shape[1]
+    expected = pool_privileged(feat[:1], kind, pooling)[0].numel()
     got = synset.privileged[0].numel()
     if got != expected:
         want = tuple(feat.shape[1:]) if kind == "feature" else (feat.shape[1],)

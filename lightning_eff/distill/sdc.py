@@ -272,17 +272,12 @@ class SDC(DistillPlugin):
     def class_difficulty(self, images: Tensor, c: int) -> Tensor:
         """Mean difficulty of ``images`` (all of class ``c``) over the trained networks, on the CPU."""
         labels = torch.full((images.shape[0],), c, dtype=torch.long)
-        chunk = self.chunk_size or 256
-        out = torch.zeros(images.shape[0])
-        for net in self._nets:
-            net = net.cpu()
-            out += torch.cat(
-                [
-                    sample_difficulty(net, x, y, create_graph=False)
-                    for x, y in zip(images.split(chunk), labels.split(chunk))
-                ]
-            ).cpu()
-        return out / len(self._nets)
+        chunk = self.chunk_size or 256  # per-sample gradients of a whole class at once would not fit
+        per_net = [
+            sample_difficulty(net.cpu(), images, labels, create_graph=False, chunk_size=chunk)
+            for net in self._nets
+        ]
+        return torch.stack(per_net).mean(0)
 
     def _network(self, module: DistillationModule, step: DistillStep, gen: torch.Generator) -> nn.Module:
         if self.network == "method":

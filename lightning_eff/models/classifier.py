@@ -285,8 +285,11 @@ class ImageClassifier(L.LightningModule):
         return self.net(x)
 
     def _shared_step(self, batch: Any, batch_idx: int, stage: str, metric: MulticlassAccuracy) -> Tensor:
-        x, y = batch
-        logits = self(x)
+        x, y, *privileged = batch
+        if privileged:  # (x, y, F): DRUPI's labels, see training_step
+            logits, priv = self._privileged_forward(x, privileged[0])
+        else:
+            logits, priv = self(x), None
         # ``y``: class indices [B], or class probabilities [B, K] (soft labels, e.g. from
         # SyntheticSetDataModule(use_soft_labels=True)): cross-entropy against the distribution,
         # accuracy against its arg-max
@@ -297,6 +300,10 @@ class ImageClassifier(L.LightningModule):
                 f"{tuple(logits.shape)}"
             )
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if priv is not None:
+            weight, term = priv
+            loss = loss + weight * term
+            self.log(f"{stage}/privileged_loss", term.detach(), on_step=False, on_epoch=True, sync_dist=True)
         self._check_finite(loss, stage, batch_idx)
         metric.update(logits.detach(), y.argmax(1) if soft else y)
         on_step = stage == "train"
@@ -311,14 +318,12 @@ class ImageClassifier(L.LightningModule):
         labels) adds ``weight * MSE(pool(E(x)), F)`` with ``E`` the output of ``feature_layer``; kind,
         pooling, layer and weight default to what the set stores (DRUPI, arXiv 2410.01611, Eq. 2).
         """
-        if isinstance(batch, (tuple, list)) and len(batch) == 3:
-            return self._privileged_step(batch, batch_idx)
         return self._shared_step(batch, batch_idx, "train", self.train_acc)
 
-    def _privileged_step(self, batch: Any, batch_idx: int) -> Tensor:
-        from lightning_eff.distill.evaluate import _FeatureTap, privileged_loss
+    def _privileged_forward(self, x: Tensor, target: Tensor) -> tuple[Tensor, tuple[float, Tensor]]:
+        """``(logits, (weight, MSE(pool(E(x)), target)))`` in one forward pass."""
+        from lightning_eff.distill.evaluate import _FeatureTap, pool_privileged, privileged_loss
 
-        x, y, target = batch
         trainer = getattr(self, "_trainer", None)
         info = getattr(getattr(trainer, "datamodule", None), "privileged_info", None)
         if not info:
@@ -336,24 +341,14 @@ class ImageClassifier(L.LightningModule):
             feats = self._tap.take()
         finally:
             self._tap.active = False
-        kind = info.get("kind", "feature")
-        want = feats[0].numel() if kind == "feature" else feats.shape[1]
-        if feats.ndim != 4 or target[0].numel() != want:
+        kind, pooling = info.get("kind", "feature"), info.get("pooling", "avg")
+        if feats.ndim != 4 or target[0].numel() != pool_privileged(feats[:1], kind, pooling)[0].numel():
             raise ValueError(
                 f"{type(self).__name__}: privileged labels of kind {kind!r} hold {target[0].numel()} values per image "
                 f"but `{layer}` of {type(self.net).__name__} gives {tuple(feats.shape[1:])}: train the student with "
                 f"the architecture the labels were learned with."
             )
-        soft = y.is_floating_point() and y.ndim == 2
-        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        priv = privileged_loss(feats, target, kind, info.get("pooling", "avg"))
-        loss = ce + weight * priv
-        self._check_finite(loss, "train", batch_idx)
-        self.train_acc.update(logits.detach(), y.argmax(1) if soft else y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("train/privileged_loss", priv.detach(), on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return logits, (weight, privileged_loss(feats, target, kind, pooling))
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Validation loss and accuracy."""

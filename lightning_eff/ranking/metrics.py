@@ -32,7 +32,34 @@ def _mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
-class LabelRobustScore(Metric):
+class _RunScores(Metric):
+    """Per-run score lists (``_STATES``, concatenated across ranks), a weight in ``[0, 1]`` and the
+    ``percent`` switch; ``_summary`` turns named per-run tensors into ``{"mean", "std", "runs"}``."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+    _STATES: tuple[str, str] = ("", "")
+
+    def __init__(self, weight: float = 0.5, percent: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.weight = F._check_weight(type(self).__name__, "weight", weight)
+        if not isinstance(percent, bool):
+            raise TypeError(f"{type(self).__name__}: `percent` must be a bool, got {percent!r}.")
+        self.percent = percent
+        for name in self._STATES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    @staticmethod
+    def _summary(**values: Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, runs in values.items():
+            mean, std = _mean_std(runs)
+            out[name] = {"mean": mean, "std": std, "runs": runs}
+        return out
+
+
+class LabelRobustScore(_RunScores):
     """Hard label recovery, improvement over random and the label-robust score over evaluation runs.
 
     ``update(acc_full, acc_syn_hard, acc_syn, acc_random)`` takes the accuracies of one or more runs
@@ -54,18 +81,7 @@ class LabelRobustScore(Metric):
         (0.336, 0.212)
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, weight: float = 0.5, percent: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.weight = F._check_weight(type(self).__name__, "weight", weight)
-        if not isinstance(percent, bool):
-            raise TypeError(f"{type(self).__name__}: `percent` must be a bool, got {percent!r}.")
-        self.percent = percent
-        self.add_state("hlr", default=[], dist_reduce_fx="cat")
-        self.add_state("ior", default=[], dist_reduce_fx="cat")
+    _STATES = ("hlr", "ior")
 
     def update(  # type: ignore[override]
         self, acc_full: Any, acc_syn_hard: Any, acc_syn: Any, acc_random: Any
@@ -79,14 +95,10 @@ class LabelRobustScore(Metric):
     def compute(self) -> dict[str, Any]:  # type: ignore[override]
         hlr, ior = dim_zero_cat(self.hlr), dim_zero_cat(self.ior)
         lrs = F.label_robust_score(hlr, ior, self.weight, percent=self.percent)
-        out: dict[str, Any] = {}
-        for name, values in (("hlr", hlr), ("ior", ior), ("lrs", lrs)):
-            mean, std = _mean_std(values)
-            out[name] = {"mean": mean, "std": std, "runs": values}
-        return out
+        return self._summary(hlr=hlr, ior=ior, lrs=lrs)
 
 
-class AugmentationRobustScore(Metric):
+class AugmentationRobustScore(_RunScores):
     """The augmentation-robust score (and its two differences) over evaluation runs.
 
     ``update(acc_syn_aug, acc_rdm_aug, acc_syn_noaug, acc_rdm_noaug)`` per run (numbers or 1-D tensors);
@@ -105,18 +117,7 @@ class AugmentationRobustScore(Metric):
         0.2888
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, weight: float = 0.5, percent: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.weight = F._check_weight(type(self).__name__, "weight", weight)
-        if not isinstance(percent, bool):
-            raise TypeError(f"{type(self).__name__}: `percent` must be a bool, got {percent!r}.")
-        self.percent = percent
-        self.add_state("with_aug", default=[], dist_reduce_fx="cat")
-        self.add_state("without_aug", default=[], dist_reduce_fx="cat")
+    _STATES = ("with_aug", "without_aug")
 
     def update(  # type: ignore[override]
         self, acc_syn_aug: Any, acc_rdm_aug: Any, acc_syn_noaug: Any, acc_rdm_noaug: Any
@@ -132,8 +133,4 @@ class AugmentationRobustScore(Metric):
     def compute(self) -> dict[str, Any]:  # type: ignore[override]
         wa, na = dim_zero_cat(self.with_aug), dim_zero_cat(self.without_aug)
         ars = F.normalized_score(self.weight * wa + (1.0 - self.weight) * na)
-        out: dict[str, Any] = {}
-        for name, values in (("with_aug", wa), ("without_aug", na), ("ars", ars)):
-            mean, std = _mean_std(values)
-            out[name] = {"mean": mean, "std": std, "runs": values}
-        return out
+        return self._summary(with_aug=wa, without_aug=na, ars=ars)
