@@ -17,6 +17,7 @@ from lightning_eff.distill.evaluate import (
     SyntheticEvalCallback,
     default_student,
     evaluate_synthetic,
+    evaluate_synthetic_sets,
     privileged_loss,
     soft_label_loss,
     stacked_convnet_forward,
@@ -122,6 +123,58 @@ def test_students_do_not_interact(dm16):
     assert state_close(three.students[0], one.students[0], atol=1e-6)
     assert three.accuracies[0] == pytest.approx(one.accuracies[0], abs=1 / 359)
     assert not state_close(three.students[0], three.students[1])
+
+
+# ------------------------------------------------------------------------------ several sets in one call
+@pytest.mark.parametrize("vectorize", [False, True, "vmap"])
+@pytest.mark.parametrize("config", ["hard+dsa", "soft-S-kl+cutmix"])
+def test_sets_trained_together_equal_separate_calls(dm16, vectorize, config):
+    """Each set's students are what evaluate_synthetic gives for it alone (own seed, own lr list)."""
+    kwargs = dict(CONFIGS[config])
+    soft = kwargs.get("use_soft_labels") == "S"
+
+    def make(seed):
+        fields = {"soft_labels": torch.randn(20, 10, generator=torch.Generator().manual_seed(seed))} if soft else {}
+        return small_set(dm16, ipc=2, seed=seed, **fields)
+
+    a, b = make(0), make(1)
+    common = dict(net=tiny(), num_students=2, epochs=3, batch_size=8, device="cpu", eval_every=2,
+                  return_students=True, vectorize=vectorize, **kwargs)
+    lrs = [[0.01, 0.05], [0.1, 0.02], [0.03, 0.03]]
+    together = evaluate_synthetic_sets([a, b, a], dm16, lr=lrs, seed=[3, 4, 5], **common)
+    assert len(together) == 3 and all(r.protocol["sets_trained_together"] == 3 for r in together)
+    for res, synset, lr, seed in zip(together, (a, b, a), lrs, (3, 4, 5)):
+        alone = evaluate_synthetic(synset, dm16, lr=lr, seed=seed, **common)
+        assert res.lrs == lr and res.protocol["seed"] == seed and alone.protocol["sets_trained_together"] == 1
+        for u, v in zip(res.students, alone.students):
+            assert state_close(u, v, atol=1e-6)
+        for hu, hv in zip(res.history, alone.history):
+            assert max(abs(x - y) for x, y in zip(hu["accuracies"], hv["accuracies"])) <= 1 / 359
+    # the same set with another seed trains other students; one seed for all = common random numbers
+    assert not state_close(together[0].students[0], together[2].students[0])
+    crn = evaluate_synthetic_sets([a, a], dm16, lr=0.05, seed=7, **common)
+    assert crn[0].accuracies == crn[1].accuracies
+
+
+def test_sets_trained_together_errors(dm16):
+    a, b = small_set(dm16, ipc=2), small_set(dm16, ipc=3)
+    common = dict(net=tiny(), num_students=1, epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="same number of images"):
+        evaluate_synthetic_sets([a, b], dm16, **common)
+    with pytest.raises(ValueError, match="2 values for 1 sets"):
+        evaluate_synthetic_sets([a], dm16, seed=[1, 2], **common)
+    with pytest.raises(ValueError, match="per-set lists for 2 sets"):
+        evaluate_synthetic_sets([a, a], dm16, lr=[[0.1]], **common)
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        evaluate_synthetic_sets([], dm16, **common)
+    with pytest.raises(TypeError, match=r"synsets\[1\]"):
+        evaluate_synthetic_sets([a, "b"], dm16, **common)
+    priv = small_set(dm16, ipc=2, privileged=torch.randn(20, 8),
+                     meta={"privileged": {"kind": "attention", "pooling": "max", "weight": 0.5}})
+    with pytest.raises(ValueError, match="same privileged information settings"):
+        evaluate_synthetic_sets([a, priv], dm16, **common)
+    # an explicit weight of 0 makes them compatible (the privileged information is ignored)
+    assert len(evaluate_synthetic_sets([a, priv], dm16, privileged_weight=0.0, **common)) == 2
 
 
 # ------------------------------------------------------------------------------ the protocol works

@@ -400,6 +400,9 @@ class _DDPCheck(_Boring):
         self.out = out
 
     def on_fit_start(self):
+        from lightning_eff.utils.distributed import destroy_process_group_at_exit
+
+        destroy_process_group_at_exit()  # what the library's modules do in setup (clean gloo teardown)
         torch.manual_seed(1000 + self.global_rank)
 
     def on_train_end(self):

@@ -147,21 +147,43 @@ def test_shared_trainings_counts_and_cache_reuse(dm8, tmp_path):
     assert longer.full_data["cached"] is False
 
 
+def test_cells_train_together_without_changing_any_result(dm8, monkeypatch):
+    """All runs of all sets (and all random cells) go into few calls; a set's scores do not depend on the others."""
+    import lightning_eff.ranking.evaluator as ev
+
+    calls = []
+    real = ev.evaluate_synthetic_sets
+
+    def counting(synsets, *args, **kwargs):
+        calls.append(len(synsets))
+        return real(synsets, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_synthetic_sets", counting)
+    s1, s2 = SyntheticSet.from_noise(dm8, 2, seed=1), SyntheticSet.random_subset(dm8, 2, seed=9)
+    both = tiny(metrics=["lrs"]).rank({"noise": s1, "random": s2}, dm8)
+    # full data; the random cells of both runs; the two sets' cells of both runs (hard setting: syn = syn_hard)
+    assert sorted(calls) == [1, 2, 4]
+    calls.clear()
+    alone = tiny(metrics=["lrs"]).rank({"noise": s1}, dm8)
+    assert sorted(calls) == [1, 2, 2]
+    assert scores(alone)["noise"] == scores(both)["noise"]
+
+
 def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatch):
     import lightning_eff.ranking.evaluator as ev
 
-    real = ev.evaluate_synthetic
+    real = ev.evaluate_synthetic_sets
 
-    def failing(synset, *args, **kwargs):
-        if synset.metadata.get("method") == "boom":
+    def failing(synsets, *args, **kwargs):
+        if any(s.metadata.get("method") == "boom" for s in synsets):
             raise RuntimeError("interrupted")
-        return real(synset, *args, **kwargs)
+        return real(synsets, *args, **kwargs)
 
     noise = SyntheticSet.from_noise(dm8, 2, seed=1, method="boom")
-    monkeypatch.setattr(ev, "evaluate_synthetic", failing)
+    monkeypatch.setattr(ev, "evaluate_synthetic_sets", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         tiny(use_cache=True, cache_dir=tmp_path).rank({"noise": noise}, dm8)
-    monkeypatch.setattr(ev, "evaluate_synthetic", real)
+    monkeypatch.setattr(ev, "evaluate_synthetic_sets", real)
     resumed = tiny(use_cache=True, cache_dir=tmp_path).rank({"noise": noise}, dm8)
     # the shared trainings run first and were cached as they finished: they are not run again
     assert resumed.stats["trainings_reused"] == 1 + 2 * 2 * 2

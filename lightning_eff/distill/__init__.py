@@ -12,7 +12,7 @@ from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
 from lightning_eff.distill.dm import DistributionMatching
 from lightning_eff.distill.drupi import DRUPI, StaticSet
-from lightning_eff.distill.evaluate import EvaluationResult, SyntheticEvalCallback, evaluate_synthetic
+from lightning_eff.distill.evaluate import EvaluationResult, SyntheticEvalCallback, evaluate_synthetic, evaluate_synthetic_sets
 from lightning_eff.distill.gm import GradientMatching
 from lightning_eff.distill.mtt import (
     ExpertTrajectory,
@@ -41,6 +41,7 @@ __all__ = [
     "DSA",
     "CutMix",
     "evaluate_synthetic",
+    "evaluate_synthetic_sets",
     "EvaluationResult",
     "SyntheticEvalCallback",
     "NCFM",

@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_eff.distill.synthetic import SyntheticSet, _check_ipc
+from lightning_eff.utils.distributed import destroy_process_group_at_exit
 
 __all__ = ["DistillationModule", "DistillPlugin", "DistillStep", "reinitialized", "train_reference_networks", "INITS"]
 
@@ -221,6 +222,7 @@ class DistillationModule(L.LightningModule):
         return int(self._data_meta["num_classes"])
 
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             if self.syn_images is None:

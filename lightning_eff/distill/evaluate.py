@@ -69,6 +69,7 @@ from lightning_eff.distill.synthetic import SyntheticSet
 __all__ = [
     "EvaluationResult",
     "evaluate_synthetic",
+    "evaluate_synthetic_sets",
     "SyntheticEvalCallback",
     "default_student",
     "soft_label_loss",
@@ -387,31 +388,34 @@ class _Batches:
 
     _BLOCK_SAMPLES = 1 << 18  # per-sample draws made ahead at a time (all students together)
 
-    def __init__(self, synset: SyntheticSet, device, mode, temperature, dsa, cutmix, use_priv, batch_size):
-        self.images = synset.images.to(device).detach().clone()
-        self.labels = synset.labels.to(device).detach().clone()
+    def __init__(self, synsets, which, device, mode, temperature, dsa, cutmix, use_priv, batch_size):
+        # the distinct sets stacked ``[G, n, ...]``; student ``s`` trains on set ``which[s]``
+        self.images = torch.stack([s.images for s in synsets]).to(device).detach().clone()
+        self.labels = torch.stack([s.labels for s in synsets]).to(device).detach().clone()
+        self.which = torch.as_tensor(which, dtype=torch.long, device=device)
         self.device = device
-        self.num_classes = synset.num_classes
+        self.num_classes = synsets[0].num_classes
         self.mode, self.temperature = mode, temperature
         self.dsa, self.cutmix = dsa, cutmix
         self.batch_size = batch_size
         self.soft = None
         if mode == "S":
-            soft = synset.soft_labels.to(device).float()
-            kind = synset.metadata.get("soft_label_kind", "logits")
-            if kind in ("probabilities", "probs"):
-                self.soft = soft if temperature == 1.0 else torch.softmax(soft.clamp_min(1e-30).log() / temperature, -1)
-            elif kind == "logits":
-                self.soft = torch.softmax(soft / temperature, dim=-1)
-            else:
-                raise ValueError(
-                    f"synset.metadata['soft_label_kind'] must be 'logits' or 'probabilities', got {kind!r}."
-                )
-        self.priv = synset.privileged.to(device).float().clone() if use_priv else None
+            self.soft = torch.stack([self._soft(s, device, temperature) for s in synsets])
+        self.priv = torch.stack([s.privileged for s in synsets]).to(device).float().clone() if use_priv else None
         self.size = tuple(self.images.shape[-2:])
 
+    @staticmethod
+    def _soft(synset: SyntheticSet, device, temperature: float) -> Tensor:
+        soft = synset.soft_labels.to(device).float()
+        kind = synset.metadata.get("soft_label_kind", "logits")
+        if kind in ("probabilities", "probs"):
+            return soft if temperature == 1.0 else torch.softmax(soft.clamp_min(1e-30).log() / temperature, -1)
+        if kind == "logits":
+            return torch.softmax(soft / temperature, dim=-1)
+        raise ValueError(f"synset.metadata['soft_label_kind'] must be 'logits' or 'probabilities', got {kind!r}.")
+
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[1]
 
     def epochs(self, num_epochs: int, generators: list[torch.Generator]):
         """Yield, for each epoch, the list of its batches ``(idx [S, b], dsa_params | None, cutmix_draws | None)``."""
@@ -453,20 +457,24 @@ class _Batches:
                 row += s * b
             yield batches
 
-    def make(self, idx: Tensor, dsa_params: DSAParams | None, draws: list[CutMixParams] | None, teacher):
-        """Batches for students with indices ``idx`` ``[S, b]`` and their draws.
+    def make(
+        self, idx: Tensor, dsa_params: DSAParams | None, draws: list[CutMixParams] | None, teacher,
+        students: slice | list[int] = slice(None),
+    ):
+        """Batches for the students ``students`` (all by default), with indices ``idx`` ``[S, b]`` and their draws.
 
         Returns ``(x [S, b, C, H, W], target_probs [S, b, K], privileged [S, b, ...] | None)``.
         """
         s, b = idx.shape
-        x = self.images[idx].flatten(0, 1)
+        rows = (self.which[students][:, None], idx)  # each student's own set
+        x = self.images[rows].flatten(0, 1)
         if dsa_params is not None:
             x = apply_dsa(x, dsa_params)
         if self.soft is not None:
-            targets = self.soft[idx]
+            targets = self.soft[rows]
         else:
-            targets = F.one_hot(self.labels[idx], self.num_classes).to(x.dtype)
-        priv = self.priv[idx] if self.priv is not None else None
+            targets = F.one_hot(self.labels[rows], self.num_classes).to(x.dtype)
+        priv = self.priv[rows] if self.priv is not None else None
         if draws is not None:
             x = torch.cat([CutMix.apply(chunk, d) for chunk, d in zip(x.split(b), draws)])
             targets = torch.stack([CutMix.mix_targets(targets[i], d) for i, d in enumerate(draws)])
@@ -592,13 +600,82 @@ def evaluate_synthetic(
         >>> len(res.accuracies), 0.0 <= res.mean <= 1.0, res.protocol["epochs"]
         (2, True, 2)
     """
-    start_time = time.perf_counter()
     if not isinstance(synset, SyntheticSet):
         raise TypeError(f"evaluate_synthetic: `synset` must be a SyntheticSet, got {type(synset).__name__}.")
+    kwargs = {k: v for k, v in locals().items() if k != "synset"}
+    return evaluate_synthetic_sets([synset], **kwargs)[0]
+
+
+def evaluate_synthetic_sets(
+    synsets: Sequence[SyntheticSet],
+    datamodule: Any,
+    net: nn.Module | None = None,
+    num_students: int = 5,
+    epochs: int = 300,
+    lr: float | Sequence[float] | Sequence[Sequence[float]] | str = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 256,
+    dsa: DSA | bool | str | None = None,
+    cutmix: CutMix | bool | None = None,
+    use_soft_labels: bool | str = False,
+    soft_loss: str = "sce",
+    temperature: float = 1.0,
+    teacher: nn.Module | None = None,
+    privileged_weight: float | None = None,
+    eval_every: int | None = None,
+    seed: int | Sequence[int] = 0,
+    device: torch.device | str | None = None,
+    vectorize: bool | str | None = None,
+    progress: bool = False,
+    feature_layer: str | None = None,
+    return_students: bool = False,
+) -> list[EvaluationResult]:
+    """Several sets under one protocol, all their students trained together: one result per set.
+
+    Student ``j`` of set ``i`` draws its initialisation and data stream from ``seed[i]`` exactly as
+    :func:`evaluate_synthetic` (``seed=seed[i]``) would, so a set's result does not depend on the other
+    sets of the call — ``evaluate_synthetic_sets([a, b], seed=[s, t])`` equals
+    ``[evaluate_synthetic(a, seed=s), evaluate_synthetic(b, seed=t)]`` — while the sets share every
+    step (one stacked step for all ``len(synsets) * num_students`` students when vectorised). This is
+    how DD-Ranking trains the sets of a ranking and their random-real baselines in one call.
+
+    Args:
+        synsets: the sets; they must have the same number of images and image shape (a set may appear
+            more than once, e.g. with different seeds), and agree on soft labels / privileged
+            information as the options below need them.
+        seed: one seed for every set (the same initialisations and data orders for each: common random
+            numbers, a paired comparison) or one per set.
+        lr: as in :func:`evaluate_synthetic`, applied to each set (``"synset"``: each set's own lr), or a
+            sequence with one lr list per set.
+        Every other argument is :func:`evaluate_synthetic`'s, for each set.
+
+    Returns:
+        One :class:`EvaluationResult` per set, in order; ``protocol["sets_trained_together"]`` is the
+        number of sets of the call and ``seconds`` the wall time of the whole call.
+    """
+    start_time = time.perf_counter()
+    synsets = list(synsets) if isinstance(synsets, Sequence) else synsets
+    if not isinstance(synsets, list) or not synsets:
+        raise TypeError("evaluate_synthetic: `synsets` must be a non-empty sequence of SyntheticSets.")
+    for i, s in enumerate(synsets):
+        if not isinstance(s, SyntheticSet):
+            raise TypeError(f"evaluate_synthetic: `synsets[{i}]` must be a SyntheticSet, got {type(s).__name__}.")
+    num_sets = len(synsets)
+    seeds_in = [seed] * num_sets if not isinstance(seed, Sequence) else list(seed)
+    if len(seeds_in) != num_sets:
+        raise ValueError(f"evaluate_synthetic: `seed` has {len(seeds_in)} values for {num_sets} sets; give one per set.")
+    set_seeds = [_check_int("seed", v, -(2**63)) for v in seeds_in]
+    lengths = sorted({len(s) for s in synsets})
+    if len(lengths) > 1:
+        raise ValueError(
+            f"evaluate_synthetic: sets trained together must have the same number of images, got {lengths}; "
+            f"evaluate them in separate calls."
+        )
+    synset = synsets[0]
     num_students = _check_int("num_students", num_students, 1)
     epochs = _check_int("epochs", epochs, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, -(2**63))
     momentum = _check_float("momentum", momentum, 0.0, 1.0, high_open=True)
     weight_decay = _check_float("weight_decay", weight_decay, 0.0)
     temperature = _check_float("temperature", temperature, 0.0)
@@ -614,33 +691,51 @@ def evaluate_synthetic(
         )
     if net is not None and not isinstance(net, nn.Module):
         raise TypeError(f"evaluate_synthetic: `net` must be an nn.Module or None, got {type(net).__name__}.")
-    lrs = _resolve_lrs(lr, num_students, synset)
-    mode = _resolve_soft_mode(use_soft_labels, teacher, synset)
-    priv_weight, priv_kind, priv_pool = _resolve_privileged(privileged_weight, synset)
-    if feature_layer is None:
-        feature_layer = str((synset.metadata.get("privileged") or {}).get("layer") or "encoder")
+    per_set_lrs = not isinstance(lr, (str, Tensor)) and isinstance(lr, Sequence) and any(
+        isinstance(v, (Sequence, Tensor)) for v in lr
+    )
+    if per_set_lrs and len(lr) != num_sets:
+        raise ValueError(f"evaluate_synthetic: `lr` has {len(lr)} per-set lists for {num_sets} sets.")
+    set_lrs = [_resolve_lrs(lr[i] if per_set_lrs else lr, num_students, s) for i, s in enumerate(synsets)]
+    modes = {_resolve_soft_mode(use_soft_labels, teacher, s) for s in synsets}
+    privs = {(w, k, p) if w > 0 else (0.0, "feature", "avg")  # kind and pooling only matter with a weight
+             for w, k, p in (_resolve_privileged(privileged_weight, s) for s in synsets)}
+    layers = {
+        feature_layer or str((s.metadata.get("privileged") or {}).get("layer") or "encoder")
+        for s in synsets
+        if max(w for w, _, _ in privs) > 0 or s is synsets[0]
+    }
+    if len(privs) > 1 or len(layers) > 1:
+        raise ValueError(
+            f"evaluate_synthetic: sets trained together must use the same privileged information settings, got "
+            f"{sorted(privs)} (weight, kind, pooling) and layers {sorted(layers)}; pass privileged_weight= or "
+            f"evaluate them separately."
+        )
+    (mode,), ((priv_weight, priv_kind, priv_pool),), (feature_layer,) = modes, privs, layers
+    lrs = [v for values in set_lrs for v in values]
     dsa_, cutmix_ = _resolve_dsa(dsa), _resolve_cutmix(cutmix)
 
     # ---- data and shapes
     test_x, test_y = _test_tensors(datamodule)
     num_classes = int(getattr(datamodule, "num_classes", None) or synset.num_classes)
     expected_shape = tuple(getattr(datamodule, "image_shape", None) or test_x.shape[1:])
-    if tuple(synset.image_shape) != expected_shape or tuple(test_x.shape[1:]) != expected_shape:
-        raise ValueError(
-            f"evaluate_synthetic: the synthetic images have shape {tuple(synset.image_shape)} but the DataModule's "
-            f"images are {expected_shape} (test split {tuple(test_x.shape[1:])}); evaluate on the DataModule the set "
-            f"was made from."
-        )
-    if int(synset.labels.max()) >= num_classes:
-        raise ValueError(
-            f"evaluate_synthetic: synthetic labels go up to {int(synset.labels.max())} but the DataModule has "
-            f"num_classes={num_classes} (labels must be < num_classes)."
-        )
-    if synset.num_classes != num_classes:
-        raise ValueError(
-            f"evaluate_synthetic: the synthetic set has num_classes={synset.num_classes} but the DataModule has "
-            f"{num_classes}."
-        )
+    for synset in synsets:
+        if tuple(synset.image_shape) != expected_shape or tuple(test_x.shape[1:]) != expected_shape:
+            raise ValueError(
+                f"evaluate_synthetic: the synthetic images have shape {tuple(synset.image_shape)} but the DataModule's "
+                f"images are {expected_shape} (test split {tuple(test_x.shape[1:])}); evaluate on the DataModule the "
+                f"set was made from."
+            )
+        if int(synset.labels.max()) >= num_classes:
+            raise ValueError(
+                f"evaluate_synthetic: synthetic labels go up to {int(synset.labels.max())} but the DataModule has "
+                f"num_classes={num_classes} (labels must be < num_classes)."
+            )
+        if synset.num_classes != num_classes:
+            raise ValueError(
+                f"evaluate_synthetic: the synthetic set has num_classes={synset.num_classes} but the DataModule has "
+                f"{num_classes}."
+            )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -648,7 +743,8 @@ def evaluate_synthetic(
     template = net if net is not None else default_student(expected_shape, num_classes)
     use_priv = priv_weight > 0
     if use_priv:
-        _check_privileged_shape(template, synset, feature_layer, priv_kind, priv_pool)
+        for synset in synsets:
+            _check_privileged_shape(template, synset, feature_layer, priv_kind, priv_pool)
 
     vectorized = bool(vectorize) if vectorize is not None else device.type != "cpu"
     fallback_reason = None
@@ -666,12 +762,20 @@ def evaluate_synthetic(
         )
 
     # ---- seeds: per student, one for the initialisation and one for the data stream
-    seeds = torch.randint(0, 2**62, (num_students, 2), generator=torch.Generator().manual_seed(seed)).tolist()
+    seeds = [
+        pair
+        for v in set_seeds
+        for pair in torch.randint(0, 2**62, (num_students, 2), generator=torch.Generator().manual_seed(v)).tolist()
+    ]
+    distinct: dict[int, int] = {}  # a set given twice is stored once
+    which = [distinct.setdefault(id(s), len(distinct)) for s in synsets for _ in range(num_students)]
+    stored = list({id(s): s for s in synsets}.values())
     milestone = max(1, epochs // 2)
     rank_zero = _rank_zero()
     protocol = {
         "net": _describe(template),
         "num_students": num_students,
+        "sets_trained_together": num_sets,
         "epochs": epochs,
         "lr": lrs,
         "lr_schedule": f"x0.1 from epoch {milestone} (0-based) on, momentum kept",
@@ -708,8 +812,8 @@ def evaluate_synthetic(
     cuda_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False), torch.enable_grad():
-            torch.manual_seed(seed)  # only dropout-like layers read the global RNG
-            batches = _Batches(synset, device, mode, temperature, dsa_, cutmix_, use_priv, batch_size)
+            torch.manual_seed(set_seeds[0])  # only dropout-like layers read the global RNG
+            batches = _Batches(stored, which, device, mode, temperature, dsa_, cutmix_, use_priv, batch_size)
             trainer = _VectorizedTrainer if vectorized else _SequentialTrainer
             run = trainer(
                 template=template, seeds=seeds, lrs=lrs, momentum=momentum, weight_decay=weight_decay,
@@ -725,18 +829,31 @@ def evaluate_synthetic(
         if teacher is not None:
             teacher.train(teacher_mode)
 
-    final = history[-1]["accuracies"]
-    mean, std = _mean_std(final)
-    result = EvaluationResult(
-        accuracies=final, mean=mean, std=std, lrs=lrs, protocol=protocol, seconds=0.0, history=history,
-        students=students,
-    )
-    if eval_every is not None:
-        best = [max(h["accuracies"][s] for h in history) for s in range(num_students)]
-        result.best_accuracies = best
-        result.best_mean, result.best_std = _mean_std(best)
-    result.seconds = time.perf_counter() - start_time
-    return result
+    seconds = time.perf_counter() - start_time
+    results = []
+    for i, synset in enumerate(synsets):
+        part = slice(i * num_students, (i + 1) * num_students)
+        set_history = [{"epoch": h["epoch"], "accuracies": h["accuracies"][part]} for h in history]
+        final = set_history[-1]["accuracies"]
+        mean, std = _mean_std(final)
+        result = EvaluationResult(
+            accuracies=final, mean=mean, std=std, lrs=set_lrs[i], seconds=seconds, history=set_history,
+            protocol={
+                **copy.deepcopy(protocol),
+                "lr": set_lrs[i],
+                "seed": set_seeds[i],
+                "synthetic_images": len(synset),
+                "ipc": synset.ipc,
+                "method": synset.metadata.get("method"),
+            },
+            students=students[part] if students is not None else None,
+        )
+        if eval_every is not None:
+            best = [max(h["accuracies"][s] for h in set_history) for s in range(num_students)]
+            result.best_accuracies = best
+            result.best_mean, result.best_std = _mean_std(best)
+        results.append(result)
+    return results
 
 
 def _rank_zero() -> bool:
@@ -973,7 +1090,7 @@ class _SequentialTrainer(_Trainer):
                         group["lr"] = self.lrs[s] * self.lr_factor(epoch)
                     finite = torch.ones((), dtype=torch.bool, device=self.device)
                     for idx, dsa_params, draws in batches:
-                        x, targets, priv = self.batches.make(idx, dsa_params, draws, self.teacher)
+                        x, targets, priv = self.batches.make(idx, dsa_params, draws, self.teacher, [s])
                         tap.active = self.priv is not None
                         logits = net(x[0])
                         tap.active = False

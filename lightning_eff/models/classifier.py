@@ -230,7 +230,9 @@ class ImageClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the net against the trainer's :class:`ClassificationDataModule` (class count, image shape)."""
         from lightning_eff.data.base import ClassificationDataModule
+        from lightning_eff.utils.distributed import destroy_process_group_at_exit
 
+        destroy_process_group_at_exit()
         trainer = getattr(self, "_trainer", None)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if isinstance(datamodule, ClassificationDataModule):

@@ -4,7 +4,7 @@ Paper: Z. Li et al., "DD-Ranking: Rethinking the Evaluation of Dataset Distillat
 (Sec. 3); official code NUS-HPC-AI-Lab/DD-Ranking, PyPI ``ddranking`` 0.2.0 (``metrics/soft_label.py``,
 ``hard_label.py``, ``aug_robust.py``, ``utils/train_and_eval.py``). The scores are in
 :mod:`lightning_eff.ranking.functional`; every training goes through the distillation core's
-:func:`~lightning_eff.distill.evaluate_synthetic`.
+:func:`~lightning_eff.distill.evaluate_synthetic_sets`.
 
 Protocol (per synthetic set, ``num_eval`` runs; the official defaults in brackets):
 
@@ -27,9 +27,12 @@ Protocol (per synthetic set, ``num_eval`` runs; the official defaults in bracket
 
 Speed-ups over the official code, none of which changes what is computed:
 
-* the students of one protocol step train together: all runs x lrs of a synthetic set in one
-  ``evaluate_synthetic`` call (vectorised on accelerators; ``vectorize=`` passes through), the lr grid of
-  a random subset in one call;
+* the students of one protocol step train together: every cell (run x lr grid) of every set and of the
+  random subsets that shares the training options and the set size goes into one
+  ``evaluate_synthetic_sets`` call (vectorised on accelerators; ``vectorize=`` passes through); each
+  cell's students are seeded by the cell alone (the seed of a synthetic-set cell depends on the kind and
+  the run, not on the set: every set sees the same initialisations and data orders — common random
+  numbers), so the grouping never changes a result;
 * the random-real and full-data trainings do not depend on the synthetic set, so they are shared
   between all sets ranked together (same per-class counts and setting) and cached, in memory and in
   ``cache_dir``, keyed by a hash of the dataset (test images, training labels), the student, the setting
@@ -65,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eff.distill.augment import DSA, CutMix
-from lightning_eff.distill.evaluate import default_student, evaluate_synthetic
+from lightning_eff.distill.evaluate import default_student, evaluate_synthetic_sets
 from lightning_eff.distill.synthetic import SyntheticSet
 from lightning_eff.ranking import functional as F
 from lightning_eff.ranking.results import RankingReport, RankingResult, atomic_write_text
@@ -763,6 +766,12 @@ class DDRanking:
         }
 
 
+def _options_key(options: dict[str, Any]) -> tuple:
+    """Hashable identity of a job's training options (objects by identity: the same net, teacher, DSA)."""
+    plain = (str, int, float, bool, type(None))
+    return tuple(sorted((k, v if isinstance(v, plain) else ("id", id(v))) for k, v in options.items()))
+
+
 def _assign(jobs: list[_Job], world: int) -> list[list[_Job]]:
     """Greedy longest-processing-time assignment of jobs to ranks (deterministic)."""
     loads = [0.0] * world
@@ -1031,48 +1040,52 @@ class _Context:
     def execute(
         self, jobs: list[_Job], progress: bool, on_done: Callable[[_Job, dict[str, Any]], None] | None = None
     ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-        """Train this rank's jobs: jobs of one group in one ``evaluate_synthetic`` call."""
+        """Train this rank's jobs: the jobs with the same training options and set size in one call.
+
+        A call of :func:`evaluate_synthetic_sets` trains the students of all its jobs together (the sets of a
+        ranking, their random-real baselines and all runs, when their options agree); each job's students
+        are seeded by the job alone, so the grouping never changes a result (and a cached job's accuracies
+        are the ones a call of its own would give). The shared (cached) cells are grouped apart from the
+        sets' own cells and trained first, so an interrupted ranking keeps them.
+        """
         from tqdm.auto import tqdm
 
-        groups: dict[str, list[_Job]] = {}
+        groups: dict[tuple, list[tuple[_Job, SyntheticSet]]] = {}
         # the shared (cached) trainings first: an interrupted ranking keeps them
         for job in sorted(jobs, key=lambda j: j.cache_key is None):
-            groups.setdefault(job.group, []).append(job)
+            synset = job.make_set()
+            shared = job.cache_key is not None  # shared cells train apart from the sets' own, so they are stored first
+            key = (shared, _options_key(job.options), len(synset), len(job.lrs))
+            groups.setdefault(key, []).append((job, synset))
         results: dict[str, dict[str, Any]] = {}
         seconds: dict[str, float] = {}
         total = sum(len(j.lrs) for j in jobs)
         with tqdm(total=total, desc="DD-Ranking", unit="student", disable=not progress or total == 0) as bar:
-            for group, members in groups.items():
-                members.sort(key=lambda j: j.run)
-                first = members[0]
-                bar.set_postfix_str(first.kind + (f" {group.split('set:', 1)[1]}" if "set:" in group else ""))
-                synset = first.make_set()
-                lrs = [lr for j in members for lr in j.lrs]
-                # the students' seeds depend on the kind and the runs, not on the set: every set of a ranking
-                # sees the same initialisations and data orders (common random numbers, a paired comparison)
-                seed = (
-                    first.seed
-                    if len(members) == 1
-                    else _seed_from(self.o.seed, first.kind, tuple(j.run for j in members))
-                )
+            for members in groups.values():
+                kinds = sorted({j.kind for j, _ in members})
+                bar.set_postfix_str(f"{'+'.join(kinds)} ({len(members)} cells)")
                 t0 = time.perf_counter()
-                res = evaluate_synthetic(
-                    synset, self.dm, num_students=len(lrs), lr=lrs, seed=seed, progress=False, **first.options
+                out = evaluate_synthetic_sets(
+                    [synset for _, synset in members],
+                    self.dm,
+                    num_students=len(members[0][0].lrs),
+                    lr=[j.lrs for j, _ in members],
+                    seed=[j.seed for j, _ in members],
+                    progress=False,
+                    **members[0][0].options,
                 )
-                seconds[first.kind] = seconds.get(first.kind, 0.0) + time.perf_counter() - t0
-                best = res.best_accuracies if res.best_accuracies is not None else res.accuracies
-                i = 0
-                for j in members:
-                    k = len(j.lrs)
+                elapsed = time.perf_counter() - t0
+                for (j, _), res in zip(members, out):
+                    seconds[j.kind] = seconds.get(j.kind, 0.0) + elapsed / len(members)
+                    best = res.best_accuracies if res.best_accuracies is not None else res.accuracies
                     results[j.key] = {
-                        "best": [float(v) for v in best[i : i + k]],
-                        "final": [float(v) for v in res.accuracies[i : i + k]],
+                        "best": [float(v) for v in best],
+                        "final": [float(v) for v in res.accuracies],
                         "lrs": list(j.lrs),
                     }
                     if on_done is not None:
                         on_done(j, results[j.key])
-                    i += k
-                bar.update(len(lrs))
+                bar.update(sum(len(j.lrs) for j, _ in members))
         return results, seconds
 
     # ------------------------------------------------------------------ results
