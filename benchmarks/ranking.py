@@ -135,6 +135,72 @@ def train_teacher(dm, args):
     return res.students[0].cpu(), res.accuracies[0]
 
 
+def step_scaling(args, counts=(1, 5, 25, 50)) -> list[dict]:
+    """Seconds per student and training step: one student with ``torch.optim.SGD`` vs ``S`` stacked students.
+
+    The benchmark's student and batch (the whole IPC set, as in the ranking), plain cross-entropy, medians of
+    5 timings of 10 steps. Shows where the vectorised protocol can and cannot gain on this device.
+    """
+    import torch.nn.functional as F
+    from torch.func import stack_module_state
+
+    from lightning_eff.distill.evaluate import stacked_convnet_forward
+    from lightning_eff.models import ConvNet
+
+    b = 10 * args.ipc
+
+    def make():
+        return ConvNet(1, 10, width=args.width, depth=args.depth, image_size=args.size).to(args.device)
+
+    def timed(step) -> float:
+        for _ in range(3):
+            step()
+        out = []
+        for _ in range(5):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) / 10)
+        return statistics.median(out)
+
+    net = make()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(b, 1, args.size, args.size, device=args.device)
+    y = torch.randint(0, 10, (b,), device=args.device)
+
+    def one():
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    single = timed(one)
+    rows = []
+    for s in counts:
+        nets = [make() for _ in range(s)]
+        params, _ = stack_module_state(nets)
+        params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        plist = list(params.values())
+        xs = torch.randn(s, b, 1, args.size, args.size, device=args.device)
+        ys = torch.randint(0, 10, (s, b), device=args.device)
+
+        def stacked(nets=nets, params=params, plist=plist, xs=xs, ys=ys, s=s):
+            logits, _ = stacked_convnet_forward(nets[0], params, xs, s)
+            loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="sum") / b
+            grads = torch.autograd.grad(loss, plist)
+            with torch.no_grad():
+                torch._foreach_add_(plist, grads, alpha=-0.01)
+
+        per = timed(stacked) / s
+        rows.append({"students": s, "ms_per_student_step": 1e3 * per, "sequential_ms": 1e3 * single,
+                     "speedup": single / per})
+    return rows
+
+
 def official_trainings(n_sets: int, runs: int, grid: int, soft: bool) -> int:
     """Student trainings ddranking 0.2.0 runs for LRS + ARS of ``n_sets`` sets (eval_full_data=True)."""
     lrs = runs * (
@@ -192,6 +258,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed A B pairs per setting")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the per-step scaling table")
     parser.add_argument("--out", default="outputs/benchmarks/ranking.json")
     args = parser.parse_args()
     if args.quick:
@@ -294,11 +361,23 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(summary))
+    scaling = None
+    if not args.no_scaling:
+        scaling = step_scaling(args)
+        print(
+            f"\n## one training step per student (batch {10 * args.ipc}, plain CE; medians): S students stacked vs "
+            f"one student with torch.optim.SGD\n"
+        )
+        print("| stacked students S | ms per student-step | sequential ms | speed-up |")
+        print("| --- | --- | --- | --- |")
+        for r in scaling:
+            print(f"| {r['students']} | {r['ms_per_student_step']:.2f} | {r['sequential_ms']:.2f} | {r['speedup']:.2f}x |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"args": vars(args), "distill": distill_info, "teacher_acc": teacher_acc, "settings": raw},
+            {"args": vars(args), "distill": distill_info, "teacher_acc": teacher_acc, "settings": raw,
+             "step_scaling": scaling},
             indent=1,
             default=str,
         )
