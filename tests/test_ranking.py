@@ -251,6 +251,9 @@ def test_privileged_information_is_used_for_the_synthetic_set(dm8):
     assert with_priv["p"].runs[0]["syn_acc"] != plain["p"].runs[0]["syn_acc"]
     assert with_priv.full_data == {"accuracy": 0.9, "accuracies": [0.9], "given": True, "cached": False}
     assert with_priv["p"].runs[0]["hlr"] == pytest.approx(0.9 - with_priv["p"].runs[0]["syn_hard_acc"])
+    # ranked together with a plain set, each keeps its own training (they go to separate calls)
+    together = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9).rank({"p": priv, "plain": base}, dm8)
+    assert scores(together)["p"] == scores(with_priv)["p"] and scores(together)["plain"] == scores(plain)["p"]
 
 
 def test_metric_subsets_and_syn_lr(dm8):

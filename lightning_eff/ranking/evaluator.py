@@ -772,6 +772,13 @@ def _options_key(options: dict[str, Any]) -> tuple:
     return tuple(sorted((k, v if isinstance(v, plain) else ("id", id(v))) for k, v in options.items()))
 
 
+def _privileged_key(options: dict[str, Any], synset: SyntheticSet) -> str | None:
+    """What a set's privileged information adds to its training (``None``: nothing); sets differing here train apart."""
+    if synset.privileged is None or options.get("privileged_weight") == 0:
+        return None
+    return json.dumps(synset.metadata.get("privileged") or {}, sort_keys=True, default=str)
+
+
 def _assign(jobs: list[_Job], world: int) -> list[list[_Job]]:
     """Greedy longest-processing-time assignment of jobs to ranks (deterministic)."""
     loads = [0.0] * world
@@ -1055,7 +1062,7 @@ class _Context:
         for job in sorted(jobs, key=lambda j: j.cache_key is None):
             synset = job.make_set()
             shared = job.cache_key is not None  # shared cells train apart from the sets' own, so they are stored first
-            key = (shared, _options_key(job.options), len(synset), len(job.lrs))
+            key = (shared, _options_key(job.options), _privileged_key(job.options, synset), len(synset), len(job.lrs))
             groups.setdefault(key, []).append((job, synset))
         results: dict[str, dict[str, Any]] = {}
         seconds: dict[str, float] = {}
