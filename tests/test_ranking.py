@@ -167,6 +167,13 @@ def test_cells_train_together_without_changing_any_result(dm8, monkeypatch):
     alone = tiny(metrics=["lrs"]).rank({"noise": s1}, dm8)
     assert sorted(calls) == [1, 2, 2]
     assert scores(alone)["noise"] == scores(both)["noise"]
+    # a cap on the students per call splits the calls into whole cells; nothing else changes
+    calls.clear()
+    capped = tiny(metrics=["lrs"], max_students_per_call=4).rank({"noise": s1, "random": s2}, dm8)
+    assert sorted(calls) == [1, 2, 2, 2]  # 2-lr cells: 2 per call
+    assert scores(capped) == scores(both)
+    with pytest.raises(ValueError, match="max_students_per_call"):
+        tiny(max_students_per_call=0)
 
 
 def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatch):

@@ -320,6 +320,9 @@ class DDRanking:
         seed: seed of everything (subsets, initialisations, data order, augmentation).
         device: where to train (default: the current CUDA device, else CPU).
         vectorize: passed to ``evaluate_synthetic`` (``None``: students together on accelerators).
+        max_students_per_call: at most this many students train together in one call (cells of the same
+            options are split into calls of whole cells); bounds the accelerator memory of a vectorised step
+            (each student holds its own activations). Results do not depend on it.
         cache_dir: folder of the cache files (default ``$LIGHTNING_EFF_CACHE/ranking`` or
             ``~/.cache/lightning_eff/ranking``).
         use_cache: read and write the cache of full-data and random-real accuracies (the in-memory cache of
@@ -370,6 +373,7 @@ class DDRanking:
         seed: int = 0,
         device: str | torch.device | None = None,
         vectorize: bool | str | None = None,
+        max_students_per_call: int = 25,
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
         progress: bool = True,
@@ -481,6 +485,7 @@ class DDRanking:
                 f"DDRanking: `vectorize` must be True, False, None or 'vmap', got {vectorize!r}."
             )
         self.vectorize = vectorize
+        self.max_students_per_call = _check_int("max_students_per_call", max_students_per_call, 1)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
         if not isinstance(use_cache, bool):
             raise TypeError(f"DDRanking: `use_cache` must be a bool, got {use_cache!r}.")
@@ -1057,18 +1062,21 @@ class _Context:
         """
         from tqdm.auto import tqdm
 
-        groups: dict[tuple, list[tuple[_Job, SyntheticSet]]] = {}
+        groups: dict[tuple, list[list[tuple[_Job, SyntheticSet]]]] = {}
         # the shared (cached) trainings first: an interrupted ranking keeps them
         for job in sorted(jobs, key=lambda j: j.cache_key is None):
             synset = job.make_set()
             shared = job.cache_key is not None  # shared cells train apart from the sets' own, so they are stored first
             key = (shared, _options_key(job.options), _privileged_key(job.options, synset), len(synset), len(job.lrs))
-            groups.setdefault(key, []).append((job, synset))
+            calls = groups.setdefault(key, [[]])
+            if calls[-1] and sum(len(j.lrs) for j, _ in calls[-1]) + len(job.lrs) > self.o.max_students_per_call:
+                calls.append([])  # this call is full: whole cells go to the next one
+            calls[-1].append((job, synset))
         results: dict[str, dict[str, Any]] = {}
         seconds: dict[str, float] = {}
         total = sum(len(j.lrs) for j in jobs)
         with tqdm(total=total, desc="DD-Ranking", unit="student", disable=not progress or total == 0) as bar:
-            for members in groups.values():
+            for members in (call for calls in groups.values() for call in calls):
                 kinds = sorted({j.kind for j, _ in members})
                 bar.set_postfix_str(f"{'+'.join(kinds)} ({len(members)} cells)")
                 t0 = time.perf_counter()
