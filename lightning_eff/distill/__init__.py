@@ -12,7 +12,12 @@ from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
 from lightning_eff.distill.dm import DistributionMatching
 from lightning_eff.distill.drupi import DRUPI, StaticSet
-from lightning_eff.distill.evaluate import EvaluationResult, SyntheticEvalCallback, evaluate_synthetic, evaluate_synthetic_sets
+from lightning_eff.distill.evaluate import (
+    EvaluationResult,
+    SyntheticEvalCallback,
+    evaluate_synthetic,
+    evaluate_synthetic_sets,
+)
 from lightning_eff.distill.gm import GradientMatching
 from lightning_eff.distill.mtt import (
     ExpertTrajectory,

@@ -59,6 +59,7 @@ from lightning_eff.explain.shapley import (
     uniform_size_masks,
 )
 from lightning_eff.explain.side import ATTENTION_MODES, ExplainerHead, SideBranch
+from lightning_eff.utils.distributed import destroy_process_group_at_exit
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "AutoGnothi", "ExplainOutput"]
 
@@ -357,6 +358,7 @@ class AutoGnothi(L.LightningModule):
         Both are loaded lazily so that a config may name files that an earlier command writes; a resumed run or
         ``load_from_checkpoint`` restores them from the checkpoint instead.
         """
+        destroy_process_group_at_exit()
         self.ensure_loaded()
 
     def ensure_loaded(self) -> None:

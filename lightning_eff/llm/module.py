@@ -374,6 +374,11 @@ class CausalLMModule(L.LightningModule):
         """Generated answers of a batch."""
         return self.generate_answers(batch["prompt_ids"], batch["prompt_attention_mask"])
 
+    def setup(self, stage: str) -> None:
+        from lightning_eff.utils.distributed import destroy_process_group_at_exit
+
+        destroy_process_group_at_exit()  # clean gloo teardown under ddp_spawn
+
     def configure_optimizers(self) -> Any:
         """``optimizer`` over the trainable parameters, plus ``lr_scheduler`` when given."""
         params = [p for p in self.parameters() if p.requires_grad]

@@ -64,6 +64,7 @@ from lightning_eff.rl.dreamer import (
     unimix_logits,
 )
 from lightning_eff.rl.policies import Policy
+from lightning_eff.utils.distributed import destroy_process_group_at_exit
 
 __all__ = ["Think2Drive", "AgentPolicy"]
 
@@ -229,6 +230,7 @@ class Think2Drive(L.LightningModule):
 
     # -- checks ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "num_actions"):
             return

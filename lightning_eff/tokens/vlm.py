@@ -181,6 +181,11 @@ class TinyVLM(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
 
+    def setup(self, stage: str) -> None:
+        from lightning_eff.utils.distributed import destroy_process_group_at_exit
+
+        destroy_process_group_at_exit()  # clean gloo teardown under ddp_spawn
+
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
