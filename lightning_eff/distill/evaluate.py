@@ -33,6 +33,11 @@ On the CPU the step is compute-bound and grouped convolutions are slower than pl
 default there is the loop. Networks with BatchNorm (running statistics) always use the loop, with
 a warning.
 
+:func:`evaluate_synthetic_sets` trains the students of several sets of equal size in one call (one step for
+all of them when vectorised); student ``j`` of set ``i`` is seeded from that set's seed alone, so each set
+gets exactly the result of its own :func:`evaluate_synthetic` call. DD-Ranking trains all cells of a ranking
+this way.
+
 Departures from the official code (documented in :attr:`EvaluationResult.protocol`):
 
 * exactly ``epochs`` epochs, lr x0.1 from epoch ``max(1, epochs // 2)`` on, momentum kept across
