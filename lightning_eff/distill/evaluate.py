@@ -777,12 +777,12 @@ def evaluate_synthetic_sets(
     stored = list({id(s): s for s in synsets}.values())
     milestone = max(1, epochs // 2)
     rank_zero = _rank_zero()
-    protocol = {
+    protocol = {  # the entries set to None are each set's own, filled in per result below
         "net": _describe(template),
         "num_students": num_students,
         "sets_trained_together": num_sets,
         "epochs": epochs,
-        "lr": lrs,
+        "lr": None,
         "lr_schedule": f"x0.1 from epoch {milestone} (0-based) on, momentum kept",
         "optimizer": "SGD",
         "momentum": momentum,
@@ -797,16 +797,16 @@ def evaluate_synthetic_sets(
         "privileged_weight": priv_weight,
         "privileged": {"kind": priv_kind, "pooling": priv_pool, "layer": feature_layer} if use_priv else None,
         "eval_every": eval_every,
-        "seed": seed,
+        "seed": None,
         "device": str(device),
         "vectorized": vectorized,
         "vectorized_impl": impl if vectorized else None,
         "vectorize_fallback": fallback_reason,
         "dataset": type(datamodule).__name__,
         "test_images": int(test_x.shape[0]),
-        "synthetic_images": len(synset),
-        "ipc": synset.ipc,
-        "method": synset.metadata.get("method"),
+        "synthetic_images": None,
+        "ipc": None,
+        "method": None,
         "accuracy": "fraction of the real test split, final (and best over checkpoints with eval_every)",
         "std": "population (ddof=0)",
     }

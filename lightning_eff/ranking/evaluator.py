@@ -242,7 +242,6 @@ class _Job:
     """One cell of the protocol: the lr grid of one run of one training kind on one set."""
 
     key: str
-    group: str  # jobs of one group share data and settings and may train in one call
     kind: str  # full | syn_hard | syn | syn_noaug | rdm | rdm_noaug
     run: int
     lrs: list[float]
@@ -951,7 +950,6 @@ class _Context:
                 _Job(
                     "full",
                     "full",
-                    "full",
                     0,
                     [o.full_lr] * o.full_students,
                     self.full_set,
@@ -1000,7 +998,6 @@ class _Context:
                     jobs.append(
                         _Job(
                             f"{kind}|{ctag}|{run}",
-                            f"{kind}|{ctag}|{run}",
                             kind,
                             run,
                             list(o.lrs),
@@ -1031,12 +1028,10 @@ class _Context:
                     **self._aug(aug),
                     "privileged_weight": o.privileged_weight,
                 }
-                group = f"{kind}|set:{name}"
                 for run in range(o.num_eval):
                     jobs.append(
                         _Job(
-                            f"{group}|{run}",
-                            group,
+                            f"{kind}|set:{name}|{run}",
                             kind,
                             run,
                             lrs,
