@@ -4,7 +4,8 @@ Protocol (every setting is printed at the start of a run):
 
 0. **Setup.** A tiny torchvision ViT (``TinyViT``: 8x8 grey digits, 2x2-pixel patches = 16 tokens = 16 players,
    4 layers, width 64, 4 heads) is trained on the bundled digits, then frozen. AutoGnothi stage 1 (surrogate
-   side branch, width 16) and stage 2 (explainer side branch + head) are trained with the Lightning Trainer.
+   side branch, width 64 = side ratio 1: the paper's ratio 8 would leave 8 channels for this 64-wide ViT, its
+   ViT-B/16 side branches are 96 wide) and stage 2 (explainer side branch + head) are trained with the Lightning Trainer.
    ``--classifier-ckpt`` / ``--surrogate-ckpt`` / ``--explainer-ckpt`` reuse earlier runs instead.
 1. **Fidelity.** For each of the first ``--images`` test images, the ground truth is ``exact_shapley`` of the
    surrogate's value function ``v(m)`` (class probabilities with the removed players excluded from attention;
@@ -14,7 +15,10 @@ Protocol (every setting is printed at the start of a run):
    per image (medians), the efficiency gap ``|sum phi - (v(1) - v(0))|``, insertion/deletion AUC of ``v`` for
    the predicted class against a random order (and against the exact values, the best a ranking can do).
 2. **Speed.** Time to explain one image: AutoGnothi (a batch of one) against shap's KernelExplainer and our
-   kernel_shap at 512 evaluations, interleaved image by image (A, B, C, A, B, C, ...), medians and ratios.
+   kernel_shap at 512 evaluations, interleaved image by image (A, B, C, A, B, C, ...), medians and ratios;
+   AutoGnothi also per image in one batch of all ``--images`` (KernelSHAP batches its evaluations of one image,
+   so both run batched model passes). Then our kernel_shap at ``--kernel-budgets`` evaluations per image: the
+   smallest budget whose median r reaches AutoGnothi's gives the speed-up at equal correlation.
 3. **Cost.** Inference of the final model (logits + phi, one pass) against the plain classifier, batch 256,
    ABAB-interleaved, median and ratio. Training memory of one explainer step: AutoGnothi's side branch (frozen
    backbone run without autograd) against fine-tuning a full copy of the backbone as the explainer (ViT-Shapley
@@ -206,7 +210,7 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
         num_mask_samples=cfg["mask_samples"],
         num_heatmaps=8,
         lr_scheduler=cosine(cfg["epochs_explainer"]),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01),
+        optimizer=functools.partial(torch.optim.AdamW, lr=cfg["explainer_lr"], weight_decay=0.01),
         **side,
     )
     t = trainer(
@@ -559,7 +563,9 @@ def report(result: dict, log) -> None:
     if budgets:
         ag_r = med([row["ag_r"] for row in rows])
         log("")
-        log(f"### KernelSHAP (ours, paired) by budget, against AutoGnothi's median r {ag_r:.3f} (batch of 1: {ag * 1e3:.2f} ms)")
+        log(
+            f"### KernelSHAP (ours, paired) by budget, against AutoGnothi's median r {ag_r:.3f} (batch of 1: {ag * 1e3:.2f} ms)"
+        )
         log("")
         log("| model evaluations | median r | median time | time / AutoGnothi's |")
         log("| --- | --- | --- | --- |")
@@ -635,7 +641,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=None, help="test images explained (default 100, quick 4)")
     p.add_argument("--kernel-samples", type=int, default=512)
     p.add_argument(
-        "--kernel-budgets", type=int, nargs="*", default=[8, 16, 32, 64, 128, 256],
+        "--kernel-budgets",
+        type=int,
+        nargs="*",
+        default=[8, 16, 32, 64, 96, 128, 192, 256, 384],
         help="smaller KernelSHAP budgets (even) measured per image to find its budget at AutoGnothi's correlation",
     )
     p.add_argument(
@@ -663,9 +672,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=4, help="ViT layers")
     p.add_argument("--heads", type=int, default=4, help="ViT heads")
     p.add_argument(
-        "--mask-samples", type=int, default=None, help="paired masks per image in stage 2 (default 32)"
+        "--mask-samples",
+        type=int,
+        default=None,
+        help="paired masks per image in stage 2 (default 8: at equal training time, fewer masks and more "
+        "epochs fit the explainer better on digits)",
     )
-    p.add_argument("--side-ratio", type=int, default=4, help="side width = width / side ratio")
+    p.add_argument("--side-ratio", type=int, default=1, help="side width = width / side ratio")
+    p.add_argument("--explainer-hidden", type=int, default=256, help="width of the explainer head's MLP")
+    p.add_argument("--explainer-lr", type=float, default=2e-3, help="AdamW learning rate of stage 2 (cosine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/benchmarks/explain.json")
@@ -681,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
         else ("cpu" if args.device == "auto" else args.device)
     )
     args.accelerator = "gpu" if device.type == "cuda" else "cpu"
-    epochs = args.epochs or ([2, 2, 2] if args.quick else [60, 40, 60])
+    epochs = args.epochs or ([2, 2, 2] if args.quick else [60, 40, 90])
     cfg = {
         "epochs_classifier": epochs[0],
         "epochs_surrogate": epochs[1],
@@ -698,8 +713,9 @@ def main(argv: list[str] | None = None) -> dict:
             "num_layers": args.layers,
             "num_heads": args.heads,
         },
-        "explainer_hidden": 256,
-        "mask_samples": args.mask_samples or (8 if args.quick else 32),
+        "explainer_hidden": args.explainer_hidden,
+        "explainer_lr": args.explainer_lr,
+        "mask_samples": args.mask_samples or 8,
         "repeats": args.repeats or (5 if args.quick else 30),
         "exact_chunk": 65536 if device.type == "cuda" else 8192,
         "device": str(device),
@@ -727,7 +743,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(
         "backbone: TinyViT "
         + json.dumps(cfg["vit"])
-        + f"; AutoGnothi side width {args.width}/{args.side_ratio} = {args.width // args.side_ratio}, explainer MLP 256, "
+        + f"; AutoGnothi side width {args.width}/{args.side_ratio} = {args.width // args.side_ratio}, explainer MLP {cfg['explainer_hidden']}, "
         + f"{cfg['mask_samples']} paired "
         "kernel masks per image, attention masking 'exclude' (-inf); Adam-W with cosine schedules"
     )

@@ -1,0 +1,176 @@
+"""Tuning runs of AutoGnothi's stage 2 on digits: one explainer setting per call, fidelity on a few test images.
+
+How the digits settings of ``benchmarks/explain.py`` were chosen (table in ``docs/methods/autognothi.md``).
+Protocol, printed with the result:
+
+* the frozen classifier is the backbone stored in an AutoGnothi checkpoint written by ``benchmarks/explain.py``
+  (``--backbone-from``, default ``benchmarks/results/explain_cpu_runs/explainer.ckpt``);
+* stage 1 (surrogate) is trained once per side ratio (AdamW 2e-3, cosine, ``--surrogate-epochs``) and cached under
+  ``--work``, or given with ``--surrogate``;
+* the exact Shapley values of that surrogate for the first ``--images`` test images (all 2^16 subsets) are cached
+  under ``--work`` too, so a further setting costs only its training;
+* stage 2 is trained with the given side ratio, paired masks per image, epochs, learning rate (AdamW, cosine),
+  head width and depth, batch size; the line ``RESULT {...}`` gives its training time, validation loss and the
+  median / mean Pearson r of phi against the exact values on the predicted class; it is appended to
+  ``<work>/results.jsonl``.
+
+Usage::
+
+    python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 8 --epochs 45 --lr 2e-3
+    python benchmarks/explain_tuning.py --side-ratio 4 --mask-samples 32 --epochs 15        # the old default
+
+With 16 images the median moves by about 0.01 between seeds: use it to rank settings, and
+``benchmarks/explain.py`` (100 images) for the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import functools
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import lightning as L
+
+    from lightning_eff.data import DigitsDataModule
+    from lightning_eff.explain import AutoGnothi, exact_shapley
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone-from", default="benchmarks/results/explain_cpu_runs/explainer.ckpt")
+    p.add_argument("--surrogate", default=None, help="a stage-1 checkpoint (default: train and cache one)")
+    p.add_argument("--surrogate-epochs", type=int, default=40)
+    p.add_argument("--side-ratio", type=int, default=1)
+    p.add_argument("--mask-samples", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=45)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--hidden", type=int, default=256, help="explainer MLP width")
+    p.add_argument("--head-layers", type=int, default=1, help="side blocks in the explainer head")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="outputs/benchmarks/explain_tuning")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not os.path.isfile(args.backbone_from):
+        raise SystemExit(
+            f"--backbone-from {args.backbone_from!r} does not exist: run python benchmarks/explain.py first "
+            "(it writes <out>_runs/explainer.ckpt) or point to another AutoGnothi checkpoint."
+        )
+    print("protocol: " + json.dumps(vars(args)), flush=True)
+    vit = AutoGnothi.load_from_checkpoint(args.backbone_from, map_location="cpu").backbone
+    dm = DigitsDataModule(image_size=8, channels=1, batch_size=args.batch_size, seed=0)
+    dm.setup()
+
+    def cosine(epochs: int):
+        return functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max(1, epochs))
+
+    def trainer(epochs: int, **kw):
+        return L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=str(work),
+            **kw,
+        )
+
+    side = {"side_ratio": args.side_ratio, "attention_masking": "exclude", "player_grid": None}
+    L.seed_everything(args.seed, verbose=False)
+    s_path = args.surrogate or str(work / f"surrogate_ratio{args.side_ratio}_e{args.surrogate_epochs}.ckpt")
+    if not os.path.isfile(s_path):
+        surrogate = AutoGnothi(
+            vit,
+            stage="surrogate",
+            num_heatmaps=0,
+            lr_scheduler=cosine(args.surrogate_epochs),
+            optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01),
+            **side,
+        )
+        t = trainer(args.surrogate_epochs)
+        start = time.perf_counter()
+        t.fit(surrogate, dm)
+        t.save_checkpoint(s_path)
+        print(f"surrogate: {time.perf_counter() - start:.0f} s -> {s_path}", flush=True)
+    model = AutoGnothi(
+        vit,
+        stage="explainer",
+        surrogate_checkpoint=s_path,
+        explainer_hidden_dim=args.hidden,
+        explainer_layers=args.head_layers,
+        num_mask_samples=args.mask_samples,
+        num_heatmaps=0,
+        lr_scheduler=cosine(args.epochs),
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay),
+        **side,
+    )
+    model.ensure_loaded()
+    x = dm.test_set.tensors[0][: args.images]
+    exact_path = work / f"exact_{Path(s_path).stem}_{args.images}.pt"
+    if exact_path.is_file():
+        exact = torch.load(exact_path)
+    else:
+        start = time.perf_counter()
+        with torch.no_grad():
+            exact = torch.stack(
+                [
+                    exact_shapley(
+                        model.value_function(x[i : i + 1]), model.num_players, chunk_size=8192
+                    ).float()
+                    for i in range(len(x))
+                ]
+            )
+        tmp = exact_path.with_suffix(".tmp")
+        torch.save(exact, tmp)
+        os.replace(tmp, exact_path)
+        print(f"exact Shapley values of {len(x)} images: {time.perf_counter() - start:.0f} s", flush=True)
+
+    t = trainer(args.epochs, check_val_every_n_epoch=args.epochs)
+    start = time.perf_counter()
+    t.fit(model, dm)
+    train_s = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    rs = []
+    for i in range(len(x)):
+        pred = int(out.logits[i].argmax())
+        pair = torch.stack([out.phi[i][:, pred].double(), exact[i][:, pred].double()])
+        rs.append(float(torch.corrcoef(pair)[0, 1]))
+    result = {
+        **vars(args),
+        "surrogate": s_path,
+        "train_s": round(train_s, 1),
+        "val_loss": float(t.callback_metrics.get("explainer/val_loss", float("nan"))),
+        "r_median": statistics.median(rs),
+        "r_mean": statistics.fmean(rs),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    with open(work / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
