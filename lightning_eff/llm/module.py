@@ -34,6 +34,7 @@ from torchmetrics import MeanMetric
 
 from lightning_eff.llm.metrics import METRICS, exact_match, extract_answer, rouge_l_f1
 from lightning_eff.models.classifier import _INSTANTIATOR, _callable_config, _given_cli_hparams
+from lightning_eff.utils.distributed import destroy_process_group_at_exit
 
 __all__ = ["CausalLMModule", "SavePretrained", "build_causal_lm", "score_answer", "eos_token_ids", "DTYPES"]
 
@@ -375,8 +376,6 @@ class CausalLMModule(L.LightningModule):
         return self.generate_answers(batch["prompt_ids"], batch["prompt_attention_mask"])
 
     def setup(self, stage: str) -> None:
-        from lightning_eff.utils.distributed import destroy_process_group_at_exit
-
         destroy_process_group_at_exit()  # clean gloo teardown under ddp_spawn
 
     def configure_optimizers(self) -> Any:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_eff.utils.distributed import destroy_process_group_at_exit
+
 __all__ = ["TinyVLM", "DEFAULT_DECODER"]
 
 DEFAULT_DECODER: dict[str, Any] = {
@@ -182,8 +184,6 @@ class TinyVLM(L.LightningModule):
         return self(x).argmax(-1)
 
     def setup(self, stage: str) -> None:
-        from lightning_eff.utils.distributed import destroy_process_group_at_exit
-
         destroy_process_group_at_exit()  # clean gloo teardown under ddp_spawn
 
     def configure_optimizers(self) -> Any:
