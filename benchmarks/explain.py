@@ -140,6 +140,46 @@ def cosine(epochs: int):
 # --------------------------------------------------------------------------------------------------
 # 0. training
 # --------------------------------------------------------------------------------------------------
+def make_surrogate(backbone: nn.Module, epochs: int, side: dict) -> AutoGnothi:
+    """Stage 1 as this benchmark trains it: AdamW 2e-3, weight decay 0.01, cosine over ``epochs``."""
+    return AutoGnothi(
+        backbone,
+        stage="surrogate",
+        num_heatmaps=0,
+        lr_scheduler=cosine(epochs),
+        optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01),
+        **side,
+    )
+
+
+def make_explainer(
+    backbone: nn.Module,
+    surrogate_checkpoint: str,
+    epochs: int,
+    side: dict,
+    *,
+    hidden: int,
+    mask_samples: int,
+    lr: float,
+    head_layers: int = 1,
+    weight_decay: float = 0.01,
+    num_heatmaps: int = 8,
+) -> AutoGnothi:
+    """Stage 2 as this benchmark trains it: AdamW (``lr``, ``weight_decay``), cosine over ``epochs``."""
+    return AutoGnothi(
+        backbone,
+        stage="explainer",
+        surrogate_checkpoint=surrogate_checkpoint,
+        explainer_hidden_dim=hidden,
+        explainer_layers=head_layers,
+        num_mask_samples=mask_samples,
+        num_heatmaps=num_heatmaps,
+        lr_scheduler=cosine(epochs),
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
+        **side,
+    )
+
+
 def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, AutoGnothi, dict]:
     import lightning as L
 
@@ -179,14 +219,7 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
         s_path = args.surrogate_ckpt
         log(f"surrogate: using {s_path}")
     else:
-        surrogate = AutoGnothi(
-            clf.net,
-            stage="surrogate",
-            num_heatmaps=0,
-            lr_scheduler=cosine(cfg["epochs_surrogate"]),
-            optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01),
-            **side,
-        )
+        surrogate = make_surrogate(clf.net, cfg["epochs_surrogate"], side)
         t = trainer(args, cfg["epochs_surrogate"], str(out_dir))
         start = time.perf_counter()
         t.fit(surrogate, dm)
@@ -202,16 +235,14 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
             f"{info['surrogate_val_kl']:.4f}, agreement with the classifier {info['surrogate_val_agreement']:.3f} "
             f"(full input), {info['surrogate_val_masked_agreement']:.3f} (random masks)"
         )
-    model = AutoGnothi(
+    model = make_explainer(
         clf.net,
-        stage="explainer",
-        surrogate_checkpoint=s_path,
-        explainer_hidden_dim=cfg["explainer_hidden"],
-        num_mask_samples=cfg["mask_samples"],
-        num_heatmaps=8,
-        lr_scheduler=cosine(cfg["epochs_explainer"]),
-        optimizer=functools.partial(torch.optim.AdamW, lr=cfg["explainer_lr"], weight_decay=0.01),
-        **side,
+        s_path,
+        cfg["epochs_explainer"],
+        side,
+        hidden=cfg["explainer_hidden"],
+        mask_samples=cfg["mask_samples"],
+        lr=cfg["explainer_lr"],
     )
     t = trainer(
         args,

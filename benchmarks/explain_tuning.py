@@ -32,14 +32,25 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse
-import functools
+import importlib.util
 import json
 import statistics
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+
+
+def _load_explain_benchmark():
+    """``benchmarks/explain.py`` as a module: the same stage-1/stage-2 training, trainer and Pearson r."""
+    spec = importlib.util.spec_from_file_location(
+        "lightning_eff_benchmark_explain", Path(__file__).with_name("explain.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning_eff.data import DigitsDataModule
     from lightning_eff.explain import AutoGnothi, exact_shapley
 
+    bench = _load_explain_benchmark()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone-from", default="benchmarks/results/explain_cpu_runs/explainer.ckpt")
     p.add_argument("--surrogate", default=None, help="a stage-1 checkpoint (default: train and cache one)")
@@ -80,50 +92,30 @@ def main(argv: list[str] | None = None) -> dict:
     dm = DigitsDataModule(image_size=8, channels=1, batch_size=args.batch_size, seed=0)
     dm.setup()
 
-    def cosine(epochs: int):
-        return functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max(1, epochs))
-
     def trainer(epochs: int, **kw):
-        return L.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            default_root_dir=str(work),
-            **kw,
-        )
+        return bench.trainer(SimpleNamespace(quick=False, accelerator="cpu"), epochs, str(work), **kw)
 
     side = {"side_ratio": args.side_ratio, "attention_masking": "exclude", "player_grid": None}
     L.seed_everything(args.seed, verbose=False)
     s_path = args.surrogate or str(work / f"surrogate_ratio{args.side_ratio}_e{args.surrogate_epochs}.ckpt")
     if not os.path.isfile(s_path):
-        surrogate = AutoGnothi(
-            vit,
-            stage="surrogate",
-            num_heatmaps=0,
-            lr_scheduler=cosine(args.surrogate_epochs),
-            optimizer=functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01),
-            **side,
-        )
+        surrogate = bench.make_surrogate(vit, args.surrogate_epochs, side)
         t = trainer(args.surrogate_epochs)
         start = time.perf_counter()
         t.fit(surrogate, dm)
         t.save_checkpoint(s_path)
         print(f"surrogate: {time.perf_counter() - start:.0f} s -> {s_path}", flush=True)
-    model = AutoGnothi(
+    model = bench.make_explainer(
         vit,
-        stage="explainer",
-        surrogate_checkpoint=s_path,
-        explainer_hidden_dim=args.hidden,
-        explainer_layers=args.head_layers,
-        num_mask_samples=args.mask_samples,
+        s_path,
+        args.epochs,
+        side,
+        hidden=args.hidden,
+        mask_samples=args.mask_samples,
+        lr=args.lr,
+        head_layers=args.head_layers,
+        weight_decay=args.weight_decay,
         num_heatmaps=0,
-        lr_scheduler=cosine(args.epochs),
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay),
-        **side,
     )
     model.ensure_loaded()
     x = dm.test_set.tensors[0][: args.images]
@@ -153,11 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     with torch.no_grad():
         out = model(x)
-    rs = []
-    for i in range(len(x)):
-        pred = int(out.logits[i].argmax())
-        pair = torch.stack([out.phi[i][:, pred].double(), exact[i][:, pred].double()])
-        rs.append(float(torch.corrcoef(pair)[0, 1]))
+    rs = [
+        bench.pearson(out.phi[i][:, pred], exact[i][:, pred])
+        for i, pred in enumerate(out.logits.argmax(-1).tolist())
+    ]
     result = {
         **vars(args),
         "surrogate": s_path,
