@@ -310,16 +310,6 @@ def test_bad_inputs_raise_clear_errors():
         pytest.raises(ValueError, match=r"span \[50, 90\) is out of range for an input of 59 tokens"),
     ):
         lm(ids)
-    with (
-        DecoderTokenPruner(DART(num_kept=200), layer=K, image_token_id=IMG).attach(lm),
-        pytest.raises(ValueError, match="budget keeps 204 tokens but the compressible span has only 40"),
-    ):
-        lm(ids)
-    with (
-        DecoderTokenPruner(Random(num_kept=41), layer=K, image_token_id=IMG).attach(lm),
-        pytest.raises(ValueError, match="keeps 41 tokens but the compressible span has only 40"),
-    ):
-        lm(ids)
     split = ids.clone()
     split[0, 20] = 1
     with (
@@ -327,16 +317,9 @@ def test_bad_inputs_raise_clear_errors():
         pytest.raises(ValueError, match="not contiguous"),
     ):
         lm(split)
-    unequal = torch.cat([ids, ids.roll(1, dims=1)])
-    unequal[1, 8] = 1
     with (
         DecoderTokenPruner(DART(num_kept=8), layer=K, image_token_id=IMG).attach(lm),
-        pytest.raises(ValueError, match=r"hold \[40, 39\] image tokens"),
-    ):
-        lm(unequal)
-    with (
-        DecoderTokenPruner(DART(num_kept=8), layer=K, image_token_id=IMG).attach(lm),
-        pytest.raises(ValueError, match="needs `input_ids`"),
+        pytest.raises(ValueError, match="needs `input_ids`, but the model was called with `inputs_embeds` only"),
     ):
         lm(inputs_embeds=lm.get_input_embeddings()(ids))
     flash = make_lm("sdpa")

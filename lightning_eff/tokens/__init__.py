@@ -4,10 +4,11 @@
   (attention importance, eager attention only), :class:`Pool` (merging), :class:`Indices` (fixed);
 * pure rule: :func:`dart_keep_indices`;
 * appliers: :class:`DecoderTokenPruner` (inside a ``transformers`` Llama/Qwen2/Mistral decoder at layer K,
-  with the KV cache) and :class:`ViTTokenPruner` (torchvision and ``transformers`` ViT, at block K);
+  with the KV cache, also as the language model of LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL) and :class:`ViTTokenPruner` (torchvision and ``transformers`` ViT, at block K);
 * :class:`TokenCompression`: the Lightning ``Callback`` that attaches either to the model inside any
   ``LightningModule``; :class:`TinyVLM`: a small image-to-decoder classifier to try it on digits;
-* metrics (``torchmetrics``): :class:`KeptTokenRatio`, :class:`FLOPsSaved`, :class:`PrefillLatency`.
+* metrics (``torchmetrics``): :class:`KeptTokenRatio`, :class:`FLOPsSaved`, :class:`KVCacheSaved`,
+  :class:`PrefillLatency`.
 """
 
 from lightning_eff.tokens.api import Indices, Selection, SelectionContext, TokenSelector, build_keep_index
@@ -15,7 +16,14 @@ from lightning_eff.tokens.baselines import FastV, Pool, Random
 from lightning_eff.tokens.callback import TokenCompression
 from lightning_eff.tokens.dart import DART, dart_keep_indices, dart_num_kept, dart_select
 from lightning_eff.tokens.decoder import DecoderTokenPruner, PruneRecord, find_decoder
-from lightning_eff.tokens.metrics import FLOPsSaved, KeptTokenRatio, PrefillLatency, decoder_flops
+from lightning_eff.tokens.metrics import (
+    FLOPsSaved,
+    KeptTokenRatio,
+    KVCacheSaved,
+    PrefillLatency,
+    decoder_flops,
+    kv_cache_bytes,
+)
 from lightning_eff.tokens.vit import ViTTokenPruner
 from lightning_eff.tokens.vlm import TinyVLM
 
@@ -26,6 +34,7 @@ __all__ = [
     "DecoderTokenPruner",
     "Indices",
     "KeptTokenRatio",
+    "KVCacheSaved",
     "Pool",
     "PrefillLatency",
     "PruneRecord",
@@ -42,4 +51,5 @@ __all__ = [
     "dart_select",
     "decoder_flops",
     "find_decoder",
+    "kv_cache_bytes",
 ]

@@ -8,7 +8,14 @@ when the stage ends, leaving the model exactly as it was.
 
 Logged per epoch (``self.log`` from the callback; the values are ``torchmetrics`` metrics, reduced across
 ranks): ``tokens/kept_ratio`` (kept / compressible tokens), ``tokens/flops_saved`` (estimated prefill FLOPs
-saved) and, with ``measure_latency=True``, ``tokens/prefill_ms``.
+saved), ``tokens/kv_saved_bytes`` (KV-cache bytes saved per sequence, decoders only; the position paper's
+memory metric) with ``tokens/kv_saved_ratio``, and, with ``measure_latency=True``, ``tokens/prefill_ms``.
+Lightning's ``predict`` loop does not log; there, and in every stage, the values of the last epoch are also
+kept in :attr:`TokenCompression.summary`.
+
+The model may be any ``transformers`` decoder with the Llama layout or a multimodal class built on one
+(LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) held by the ``LightningModule`` (the usual ``self.model``); for
+those, the image token comes from the model's config unless ``image_token_id`` or ``span`` is given.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_eff.tokens.api import TokenSelector
 from lightning_eff.tokens.decoder import DecoderTokenPruner, find_decoder
+from lightning_eff.tokens.hf_compat import config_image_token, id_carriers
 from lightning_eff.tokens.metrics import (
     FLOPsSaved,
     KeptTokenRatio,
+    KVCacheSaved,
     PrefillLatency,
     config_dims,
     decoder_flops,
+    kv_cache_bytes,
 )
 from lightning_eff.tokens.vit import ViTTokenPruner, find_vit
 
@@ -115,9 +125,13 @@ class TokenCompression(Callback):
         self._model: Any = None
         self._attach_path: str | None = None
         self._dims: dict[str, Any] = {}
+        self._decoder: Any = None
         self.kept_ratio = KeptTokenRatio()
         self.flops_saved = FLOPsSaved()
         self.prefill_latency = PrefillLatency()
+        self.kv_saved = KVCacheSaved()
+        #: the values computed at the end of the last epoch of any stage (predict included)
+        self.summary: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ setup
     def _build(self, pl_module: Any) -> None:
@@ -131,10 +145,11 @@ class TokenCompression(Callback):
                 span = self.span
                 if self.image_token_id is None and span is None:
                     span = getattr(pl_module, "token_span", None)
-                    if span is None:
+                    if span is None and config_image_token(id_carriers(pl_module, decoder)) is None:
                         raise ValueError(
                             f"TokenCompression: give `image_token_id` or `span`, or expose `token_span` on "
-                            f"{type(pl_module).__name__}, so that the compressible span is known."
+                            f"{type(pl_module).__name__}, so that the compressible span is known (the model's "
+                            f"config declares no image token)."
                         )
                 grid = self.grid if self.grid is not None else getattr(pl_module, "token_grid", None)
                 self.pruner = DecoderTokenPruner(
@@ -145,7 +160,10 @@ class TokenCompression(Callback):
                     grid=grid,
                     measure_latency=self.measure_latency,
                 )
-                self._model = decoder
+                # attach at the LightningModule, so that the pruner also sees the ids of an outer
+                # multimodal model (LLaVA, Qwen2-VL) that calls its language model with embeddings
+                self._model, self._attach_path = pl_module, self.model_path
+                self._decoder = decoder
                 self._dims = config_dims(decoder.config, gated=True)
         if self.pruner is None and self.target in ("auto", "vit"):
             try:
@@ -168,7 +186,7 @@ class TokenCompression(Callback):
     def setup(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
         if self.pruner is None:
             self._build(pl_module)
-        for m in (self.kept_ratio, self.flops_saved, self.prefill_latency):
+        for m in self._metrics():
             m.to(pl_module.device)
 
     def teardown(self, trainer: Any, pl_module: L.LightningModule, stage: str) -> None:
@@ -239,16 +257,27 @@ class TokenCompression(Callback):
         self._set_attached(False)
 
     # ------------------------------------------------------------------------------------------ metrics
+    def _metrics(self) -> tuple:
+        return (self.kept_ratio, self.flops_saved, self.prefill_latency, self.kv_saved)
+
     def _consume(self) -> None:
         if self.pruner is None:
             return
         for r in self.pruner.pop_records():
-            self.kept_ratio.update(r.batch_size * r.span_kept, r.batch_size * r.span_len)
-            full = decoder_flops([r.seq_len] * r.num_layers, **self._dims)
-            pruned = decoder_flops(
-                [r.seq_len] * r.layer + [r.kept_len] * (r.num_layers - r.layer), **self._dims
-            )
+            self.kept_ratio.update(r.kept_total, r.span_total)
+            full_lens = [r.seq_len] * r.num_layers
+            pruned_lens = [r.seq_len] * r.layer + [r.kept_len] * (r.num_layers - r.layer)
+            full = decoder_flops(full_lens, **self._dims)
+            pruned = decoder_flops(pruned_lens, **self._dims)
             self.flops_saved.update(r.batch_size * full, r.batch_size * pruned)
+            if self._decoder is not None:
+                p = next(self._decoder.parameters())
+                kv = dict(num_kv_heads=self._dims["num_kv_heads"], head_dim=self._dims["head_dim"])
+                self.kv_saved.update(
+                    r.batch_size * kv_cache_bytes(full_lens, **kv, element_size=p.element_size()),
+                    r.batch_size * kv_cache_bytes(pruned_lens, **kv, element_size=p.element_size()),
+                    r.batch_size,
+                )
             if r.latency_ms is not None:
                 self.prefill_latency.update(r.latency_ms)
 
@@ -266,18 +295,23 @@ class TokenCompression(Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._consume()
 
-    def _log(self, pl_module: L.LightningModule) -> None:
+    def _log(self, pl_module: L.LightningModule, log: bool = True) -> None:
         p = self.log_prefix
         if self.kept_ratio._update_count > 0:
             values = {
                 f"{p}/kept_ratio": self.kept_ratio.compute(),
                 f"{p}/flops_saved": self.flops_saved.compute(),
             }
+            if self.kv_saved._update_count:
+                values[f"{p}/kv_saved_bytes"] = self.kv_saved.compute()
+                values[f"{p}/kv_saved_ratio"] = self.kv_saved.ratio()
             if self.measure_latency and self.prefill_latency._update_count:
                 values[f"{p}/prefill_ms"] = self.prefill_latency.compute()
-            for k, v in values.items():
-                pl_module.log(k, v, on_step=False, on_epoch=True)
-        for m in (self.kept_ratio, self.flops_saved, self.prefill_latency):
+            self.summary = {k: float(v) for k, v in values.items()}
+            if log:
+                for k, v in values.items():
+                    pl_module.log(k, v, on_step=False, on_epoch=True)
+        for m in self._metrics():
             m.reset()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -288,8 +322,11 @@ class TokenCompression(Callback):
         if not trainer.sanity_checking:
             self._log(pl_module)
         else:
-            for m in (self.kept_ratio, self.flops_saved, self.prefill_latency):
+            for m in self._metrics():
                 m.reset()
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._log(pl_module)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, log=False)  # Lightning's predict loop does not log: see `summary`

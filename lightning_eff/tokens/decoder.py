@@ -30,6 +30,7 @@ because beams of one prompt would keep different tokens.
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eff.tokens.api import Selection, SelectionContext, TokenSelector, build_keep_index
+from lightning_eff.tokens.batching import causal_mask, mask_columns, pad_keep_rows
+from lightning_eff.tokens.hf_compat import config_image_token, gather_positions, id_carriers, merge_mrope
 
 __all__ = ["DecoderTokenPruner", "PruneRecord", "find_decoder", "SUPPORTED_ATTENTION"]
 
@@ -110,7 +113,13 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 @dataclass
 class PruneRecord:
-    """One pruned prefill: sizes (for kept-ratio and FLOPs metrics) and the kept positions."""
+    """One pruned prefill: sizes (for kept-ratio, FLOPs and KV-cache metrics) and the kept positions.
+
+    ``seq_len`` tokens entered layer K and ``kept_len`` left it (per sequence, fillers included);
+    ``span_len`` / ``span_kept`` are the compressible tokens and those kept for a batch whose sequences hold
+    the same number, and ``span_lens`` / ``span_kepts`` give them per sequence. ``fillers`` (``[B, kept_len]``,
+    or None) marks the masked slots that left-pad shorter pruned sequences of a mixed batch.
+    """
 
     batch_size: int
     seq_len: int
@@ -121,6 +130,24 @@ class PruneRecord:
     num_layers: int
     keep_index: Tensor
     latency_ms: float | None = None
+    span_lens: tuple[int, ...] = ()
+    span_kepts: tuple[int, ...] = ()
+    fillers: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.span_lens:
+            self.span_lens = (self.span_len,) * self.batch_size
+            self.span_kepts = (self.span_kept,) * self.batch_size
+
+    @property
+    def span_total(self) -> int:
+        """Compressible tokens over the batch (sequences may hold different numbers)."""
+        return int(sum(self.span_lens))
+
+    @property
+    def kept_total(self) -> int:
+        """Compressible tokens kept over the batch."""
+        return int(sum(self.span_kepts))
 
 
 @dataclass
@@ -129,6 +156,7 @@ class _State:
 
     kept_cols: Tensor  # [B, past + L'] slot indices (layer-0 coordinates) held by layers >= K
     end: int  # first slot after the pruned call
+    masked: Tensor | None = None  # [B, past + L'] True at filler slots (mixed span lengths), never attended
 
 
 @dataclass
@@ -149,12 +177,26 @@ class DecoderTokenPruner:
         selector: the :class:`~lightning_eff.tokens.TokenSelector` (DART, Random, FastV, Pool, ...).
         layer: K, the first layer that sees the pruned sequence (>= 1; DART default 2).
         image_token_id: the compressible span is the (contiguous) run of this token id in ``input_ids``.
+            The ids are read from the decoder's own ``input_ids`` or, when a multimodal class
+            (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``) calls its language
+            model with ``inputs_embeds``, from the outer model's ``input_ids``. Default (with no ``span``
+            either): the image token of the attached model's config, if it declares one.
         span: ``(start, length)`` or ``([start_b, ...], length)``: the span by positions in the prefill call's
             input (needed when the model is called with ``inputs_embeds``).
         grid: ``(h, w)`` layout of the span for grid-aware selectors (:class:`Pool`).
         measure_latency: time every prefill call (synchronising CUDA), stored in ``PruneRecord.latency_ms``.
 
     The span can also be set per call with :meth:`set_span`. Use as a context manager or ``attach``/``detach``.
+
+    Budget and span: when the budget keeps at least as many tokens as a sequence's span holds (a small image,
+    a large ``num_kept``), that sequence keeps its whole span and a ``UserWarning`` is issued once per pruner.
+    Sequences of one batch may hold different numbers of image tokens (LLaVA-NeXT images of different
+    resolutions, a text-only prompt beside an image prompt): each is pruned with its own span and budget, and
+    the shorter pruned sequences are left-padded with masked filler slots to the longest one, so layers >= K
+    and the KV cache see one ``[B, L']`` batch (``PruneRecord.fillers`` marks the slots; the logits of a
+    pruned call have ``L'`` positions, the last one being each sequence's last token, which is what
+    ``generate`` reads).
 
     Example::
 
@@ -206,6 +248,10 @@ class DecoderTokenPruner:
         self._handles: list[Any] = []
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._call: _Call | None = None
+        self._carriers: list[nn.Module] = []
+        self._outer: list[tuple[Tensor | None, Tensor | None]] = []
+        self._token_id: int | None = image_token_id
+        self._warned_full = False
 
     # ------------------------------------------------------------------------------------------ span
     def set_span(self, start: Any, length: int) -> None:
@@ -235,7 +281,15 @@ class DecoderTokenPruner:
             )
         self._check_attention(decoder)
         self.decoder = decoder
+        root = _get_path(model, model_path) if model_path else model
+        self._carriers = id_carriers(root, decoder)
+        self._token_id = self.image_token_id
+        if self._token_id is None and self.span is None:
+            self._token_id = config_image_token(self._carriers)
         h = self._handles
+        for m in self._carriers:
+            h.append(m.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+            h.append(m.register_forward_hook(self._outer_post, with_kwargs=True, always_call=True))
         h.append(decoder.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         h.append(decoder.register_forward_hook(self._model_post, with_kwargs=True, always_call=True))
         prev = decoder.layers[self.layer - 1]
@@ -255,7 +309,13 @@ class DecoderTokenPruner:
         self._handles = []
         self._call = None
         self.decoder = None
+        self._carriers, self._outer = [], []
         self._states = weakref.WeakKeyDictionary()
+
+    @property
+    def resolved_image_token_id(self) -> int | None:
+        """The image token id in use: ``image_token_id``, or the attached model's config's (None if neither)."""
+        return self._token_id
 
     def __enter__(self) -> DecoderTokenPruner:
         if not self.attached:
@@ -294,12 +354,31 @@ class DecoderTokenPruner:
         return out
 
     # ------------------------------------------------------------------------------------------ hooks
+    def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        self._outer.append(
+            (
+                ids if isinstance(ids, Tensor) and ids.dim() == 2 else None,
+                mask if isinstance(mask, Tensor) and mask.dim() == 2 else None,
+            )
+        )
+
+    def _outer_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._outer:
+            self._outer.pop()
+
     def _model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        input_ids = input_ids if isinstance(input_ids, Tensor) else None
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() != 2:
             mask = None
-        self._call = _Call(input_ids if isinstance(input_ids, Tensor) else None, mask)
+        if input_ids is None or mask is None:  # a multimodal class called its language model with embeddings
+            for ids, m in reversed(self._outer):
+                input_ids = ids if input_ids is None else input_ids
+                mask = m if mask is None else mask
+        self._call = _Call(input_ids, mask)
         embeds = kwargs.get("inputs_embeds")
         q = (
             input_ids.shape[1]
@@ -377,54 +456,132 @@ class DecoderTokenPruner:
         self._check_window(past + q)
         state = self._states.get(cache) if cache is not None else None
         if state is not None:  # decoding after a pruned prefill: re-index the mask for layers >= K
-            cols = torch.cat(
-                [state.kept_cols, torch.arange(state.end, past + q, device=hidden.device).expand(b, -1)],
-                dim=1,
-            )
+            new = torch.arange(state.end, past + q, device=hidden.device).expand(b, -1)
+            cols = torch.cat([state.kept_cols, new], dim=1)
             if mask is not None:
-                call.sub["attention_mask"] = self._gather_mask(mask, b, None, cols)
-            elif q > 1:
-                call.sub["attention_mask"] = self._causal_mask(cols, past, q, hidden.dtype)
+                m = self._gather_mask(mask, b, None, cols)
+            elif q > 1 or state.masked is not None:
+                qpos = torch.arange(past, past + q, device=hidden.device).expand(b, -1)
+                m = causal_mask(qpos, cols, self._bool_mask(), hidden.dtype)
+            else:
+                return
+            if state.masked is not None:
+                m = mask_columns(m, torch.cat([state.masked, torch.zeros_like(new, dtype=torch.bool)], dim=1))
+            call.sub["attention_mask"] = m
             return
         if q == 1:
             return
         span = self._resolve_span(call, b, q, hidden.device)
         if span is None:
             return
-        starts, length = span
-        ctx = self._context(call, hidden, starts, length, past, q)
-        sel = self.selector.select(ctx)
-        kept = self._check_selection(sel, b, starts, length)
-        keep = build_keep_index(starts, length, q, kept)  # [B, L']
-        h = hidden
-        if sel.values is not None:
-            h = hidden.scatter(
-                1, kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), sel.values.to(hidden.dtype)
-            )
+        starts, lens = span
+        keep, kept_counts, h, fillers = self._select(call, hidden, starts, lens, past, q)
+        n = len(self.decoder.layers)
+        lens_t, kept_t = tuple(int(v) for v in lens.tolist()), tuple(kept_counts)
+        record = PruneRecord(
+            b, q, int(keep.shape[1]), max(lens_t), max(kept_t), self.layer, n, keep,
+            span_lens=lens_t, span_kepts=kept_t, fillers=fillers,
+        )  # fmt: skip
+        call.record = record
+        self.records.append(record)
+        if h is None:  # every sequence keeps its whole span: nothing to prune
+            return
         call.hidden = h.gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         pos_ids = kwargs.get("position_ids")
         if pos_ids is not None:
-            call.sub["position_ids"] = pos_ids.expand(b, -1).gather(1, keep)
+            call.sub["position_ids"] = gather_positions(pos_ids, keep, -1)
         pe = kwargs.get("position_embeddings")
         if pe is not None:
-            call.sub["position_embeddings"] = tuple(
-                t.expand(b, -1, -1).gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in pe
-            )
+            call.sub["position_embeddings"] = tuple(gather_positions(t, keep, -2) for t in pe)
         cache_pos = kwargs.get("cache_position")
-        if cache_pos is not None:  # transformers 4.x
-            if b > 1 and not bool((keep == keep[:1]).all()):
-                raise NotImplementedError(
-                    "DecoderTokenPruner: with this transformers version (cache_position) the sequences of a "
-                    "batch must keep the same positions; upgrade transformers or use batch size 1."
-                )
+        if cache_pos is not None:
+            # transformers 4.x passes cache_position to the layers, where only static caches use it (for the
+            # slots to write); DynamicCache (the only cache allowed here) ignores it, so the first row will do.
             call.sub["cache_position"] = cache_pos[keep[0]]
         cols = torch.cat([torch.arange(past, device=hidden.device).expand(b, -1), keep + past], dim=1)
-        call.sub["attention_mask"] = None if mask is None else self._gather_mask(mask, b, keep, cols)
+        masked = None
+        if fillers is not None:
+            masked = torch.cat([torch.zeros(b, past, dtype=torch.bool, device=hidden.device), fillers], dim=1)
+        if mask is not None:
+            m = self._gather_mask(mask, b, keep, cols)
+        elif masked is not None:
+            m = causal_mask(keep + past, cols, self._bool_mask(), hidden.dtype)
+        else:
+            m = None
+        if m is not None and masked is not None:
+            m = mask_columns(m, masked)
+        call.sub["attention_mask"] = m
         if cache is not None:
-            self._states[cache] = _State(kept_cols=cols, end=past + q)
-        n = len(self.decoder.layers)
-        call.record = PruneRecord(b, q, int(keep.shape[1]), length, int(kept.shape[1]), self.layer, n, keep)
-        self.records.append(call.record)
+            self._states[cache] = _State(kept_cols=cols, end=past + q, masked=masked)
+
+    def _select(
+        self, call: _Call, hidden: Tensor, starts: Tensor, lens: Tensor, past: int, q: int
+    ) -> tuple[Tensor, list[int], Tensor | None, Tensor | None]:
+        """Run the selector; return (keep ``[B, L']``, kept span tokens per sequence, hidden to gather from
+        (None: nothing pruned), filler flags ``[B, L']`` or None)."""
+        b = hidden.shape[0]
+        lens_l = [int(v) for v in lens.tolist()]
+        budgets = [self.selector.num_kept_for(n) if n > 0 else 0 for n in lens_l]
+        whole = [n == 0 or k >= n for n, k in zip(lens_l, budgets)]
+        if any(n > 0 and k > n for n, k in zip(lens_l, budgets)) and not self._warned_full:
+            self._warned_full = True
+            big = max((n, k) for n, k in zip(lens_l, budgets) if n > 0 and k > n)
+            warnings.warn(
+                f"{type(self.selector).__name__}: the budget keeps {big[1]} tokens but a sequence's span holds only "
+                f"{big[0]}; such sequences keep their whole span (warned once per pruner).",
+                UserWarning,
+                stacklevel=2,
+            )
+        if all(whole):
+            return torch.arange(q, device=hidden.device).expand(b, -1), lens_l, None, None
+        full = self._context(call, hidden, starts, lens_l[0], past, q)
+        if len(set(lens_l)) == 1:  # the common case: one span length, one batched selection
+            sel = self.selector.select(full)
+            kept = self._check_selection(sel, b, starts, lens_l[0])
+            keep = build_keep_index(starts, lens_l[0], q, kept)
+            h = self._merge(hidden, kept, sel.values)
+            return keep, [int(kept.shape[1])] * b, h, None
+        rows, counts, h = [], [], hidden
+        for i, (n, all_kept) in enumerate(zip(lens_l, whole)):
+            if all_kept:
+                rows.append(torch.arange(q, device=hidden.device))
+                counts.append(n)
+                continue
+            ctx = self._row_context(full, i, n)
+            sel = self.selector.select(ctx)
+            kept = self._check_selection(sel, 1, starts[i : i + 1], n)
+            rows.append(build_keep_index(starts[i : i + 1], n, q, kept)[0])
+            counts.append(int(kept.shape[1]))
+            if sel.values is not None:
+                h = h.clone() if h is hidden else h
+                h[i : i + 1] = self._merge(h[i : i + 1], kept, sel.values)
+        keep, fillers = pad_keep_rows(rows)
+        return keep, counts, h, fillers
+
+    @staticmethod
+    def _merge(hidden: Tensor, kept: Tensor, values: Tensor | None) -> Tensor:
+        if values is None:
+            return hidden
+        return hidden.scatter(1, kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), values.to(hidden.dtype))
+
+    @staticmethod
+    def _row_context(full: SelectionContext, i: int, n: int) -> SelectionContext:
+        def row(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[i : i + 1]
+
+        return SelectionContext(
+            hidden=full.hidden[i : i + 1],
+            span_start=full.span_start[i : i + 1],
+            span_len=n,
+            valid=full.valid[i : i + 1],
+            normed=row(full.normed),
+            keys=row(full.keys),
+            attentions=row(full.attentions),
+            grid=full.grid,
+        )
+
+    def _bool_mask(self) -> bool:
+        return getattr(self.decoder.config, "_attn_implementation", "eager") == "sdpa"
 
     def _check_cache(self, cache: Any) -> None:
         if cache is None:
@@ -446,32 +603,36 @@ class DecoderTokenPruner:
                 f"pruning with sliding-window attention beyond the window is not supported."
             )
 
-    def _resolve_span(self, call: _Call, b: int, q: int, device: torch.device) -> tuple[Tensor, int] | None:
-        if self.image_token_id is not None:
+    def _resolve_span(self, call: _Call, b: int, q: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """``(starts [B], lengths [B])`` of the compressible span of each sequence, or None (no span tokens)."""
+        token = self._token_id
+        if token is not None:
             ids = call.input_ids
             if ids is None:
                 raise ValueError(
                     "DecoderTokenPruner: `image_token_id` needs `input_ids`, but the model was called with "
-                    "`inputs_embeds`; give the span by positions (`span=` or set_span())."
+                    "`inputs_embeds` only; give the span by positions (`span=` or set_span())."
                 )
-            is_img = ids[:, -q:] == self.image_token_id
+            if ids.shape[0] != b or ids.shape[1] < q:
+                raise ValueError(
+                    f"DecoderTokenPruner: the `input_ids` seen ({tuple(ids.shape)}) do not cover the decoder's "
+                    f"input ({b} x {q} tokens); give the span by positions (`span=` or set_span())."
+                )
+            is_img = ids[:, -q:] == token
             counts = is_img.sum(1)
             if int(counts.max()) == 0:
                 return None
-            if int(counts.min()) != int(counts.max()):
-                raise ValueError(
-                    f"DecoderTokenPruner: the sequences of the batch hold {counts.tolist()} image tokens "
-                    f"(id {self.image_token_id}); every sequence must hold the same number."
-                )
-            length = int(counts[0])
             starts = is_img.to(torch.int8).argmax(1)
-            run = torch.arange(length, device=ids.device) + starts.reshape(-1, 1)
-            if not bool(is_img.gather(1, run.clamp_max(q - 1)).all()):
+            # contiguity: the last image position of each sequence is start + count - 1
+            pos = torch.arange(q, device=ids.device).expand(b, -1)
+            last = torch.where(is_img, pos, torch.full_like(pos, -1)).max(1).values
+            bad = (counts > 0) & (last != starts + counts - 1)
+            if bool(bad.any()):
                 raise ValueError(
-                    f"DecoderTokenPruner: the image tokens (id {self.image_token_id}) of a sequence are not "
-                    f"contiguous; DART needs one span per sequence."
+                    f"DecoderTokenPruner: the image tokens (id {token}) of sequence {int(bad.nonzero()[0])} are not "
+                    f"contiguous (several images?); DART needs one span per sequence."
                 )
-            return starts.to(device), length
+            return starts.to(device), counts.to(device)
         if self.span is None:
             raise ValueError(
                 "DecoderTokenPruner: no span: give `image_token_id`, `span=(start, length)` or call set_span()."
@@ -486,7 +647,7 @@ class DecoderTokenPruner:
                 f"DecoderTokenPruner: span [{int(starts.max())}, {int(starts.max()) + length}) is out of range "
                 f"for an input of {q} tokens."
             )
-        return starts.to(device), length
+        return starts.to(device), torch.full((b,), length, device=device)
 
     def _context(
         self, call: _Call, hidden: Tensor, starts: Tensor, length: int, past: int, q: int
@@ -495,7 +656,6 @@ class DecoderTokenPruner:
         valid = torch.ones(b, q, dtype=torch.bool, device=hidden.device)
         if call.mask2d is not None:
             valid = call.mask2d[:, -q:].to(device=hidden.device, dtype=torch.bool)
-        self.selector.check_span(length)
         ctx = SelectionContext(hidden=hidden, span_start=starts, span_len=length, valid=valid, grid=self.grid)
         if self.selector.needs_normed:
             ctx.normed = self.decoder.norm(hidden)
@@ -525,9 +685,15 @@ class DecoderTokenPruner:
         if hasattr(attn, "k_norm"):  # Qwen3 normalises keys per head before RoPE
             k = attn.k_norm(k)
         rope = call.captured.get("rope")
-        if rope is not None:
-            cos, sin = (t.unsqueeze(2) for t in rope)  # [B|1, q, 1, d]
-            k = k * cos + _rotate_half(k) * sin
+        if rope is None:
+            raise RuntimeError(
+                "DecoderTokenPruner: layer K-1 received no `position_embeddings` (rotary cos/sin), so DART's "
+                "pivots would come from keys without RoPE. transformers before 4.45 computes RoPE inside the "
+                "attention; upgrade transformers (supported: see pyproject.toml)."
+            )
+        cos, sin = merge_mrope(*rope, attn, cfg)  # [B|1, q, d] (4.x Qwen2-VL: merged from [3, B, q, d])
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        k = k * cos + _rotate_half(k) * sin
         n_rep = cfg.num_attention_heads // getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=2)
@@ -561,13 +727,3 @@ class DecoderTokenPruner:
         if rows is not None:
             m = m.gather(2, rows[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
         return m.gather(3, cols[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
-
-    def _causal_mask(self, cols: Tensor, past: int, q: int, dtype: torch.dtype) -> Tensor:
-        """Materialised causal mask over re-indexed keys (only for multi-token calls after a pruned prefill)."""
-        qpos = torch.arange(past, past + q, device=cols.device)
-        allowed = cols[:, None, None, :] <= qpos[None, None, :, None]  # [B, 1, q, K]
-        if getattr(self.decoder.config, "_attn_implementation", "eager") == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=cols.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )

@@ -1,5 +1,5 @@
 """Efficiency metrics of token compression as ``torchmetrics.Metric`` s (summed states, so they reduce across
-DDP ranks): kept-token ratio, estimated FLOPs saved, prefill latency.
+DDP ranks): kept-token ratio, estimated FLOPs saved, KV-cache bytes saved, prefill latency.
 
 FLOPs are estimated per layer as in FastV (arXiv 2403.06764, Sec. 4.3), written for grouped-query attention
 and gated MLPs: for ``n`` tokens, hidden size ``d``, ``H`` query and ``H_kv`` key/value heads of size
@@ -20,7 +20,16 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["KeptTokenRatio", "FLOPsSaved", "PrefillLatency", "decoder_flops", "layer_flops", "config_dims"]
+__all__ = [
+    "KeptTokenRatio",
+    "FLOPsSaved",
+    "KVCacheSaved",
+    "PrefillLatency",
+    "decoder_flops",
+    "layer_flops",
+    "config_dims",
+    "kv_cache_bytes",
+]
 
 
 def layer_flops(
@@ -121,6 +130,54 @@ class FLOPsSaved(Metric):
         self.pruned += torch.as_tensor(pruned, dtype=torch.float64, device=self.device).sum()
 
     def compute(self) -> Tensor:
+        if float(self.full) == 0.0:
+            return torch.tensor(0.0)
+        return (1.0 - self.pruned / self.full).float()
+
+
+def kv_cache_bytes(seq_lens: Sequence[int], num_kv_heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes of a KV cache whose layers hold ``seq_lens[i]`` tokens: keys and values, ``H_kv * d_h`` each.
+
+    The position paper (arXiv 2505.19147, Sec. 2) names KV-cache memory as the cost that grows with the
+    token count; a pruned prefill leaves layers >= K holding ``L'`` instead of ``L`` tokens.
+
+    Example::
+
+        >>> kv_cache_bytes([10, 10, 4, 4], num_kv_heads=2, head_dim=8, element_size=2)  # 2 * 2 * 8 * 2 * 28
+        1792
+    """
+    return int(2 * num_kv_heads * head_dim * element_size * sum(seq_lens))
+
+
+class KVCacheSaved(Metric):
+    """KV-cache memory saved by pruning: :meth:`compute` is the mean number of bytes saved per sequence;
+    :meth:`ratio` the fraction of the unpruned cache saved.
+
+    Example::
+
+        >>> m = KVCacheSaved(); m.update(full=1000, pruned=400, sequences=2)
+        >>> float(m.compute()), round(float(m.ratio()), 2)
+        (300.0, 0.6)
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("full", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("pruned", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sequences", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, full: float | Tensor, pruned: float | Tensor, sequences: int | Tensor) -> None:
+        self.full += torch.as_tensor(full, dtype=torch.float64, device=self.device).sum()
+        self.pruned += torch.as_tensor(pruned, dtype=torch.float64, device=self.device).sum()
+        self.sequences += torch.as_tensor(sequences, dtype=torch.float64, device=self.device).sum()
+
+    def compute(self) -> Tensor:
+        return ((self.full - self.pruned) / self.sequences.clamp_min(1.0)).float()
+
+    def ratio(self) -> Tensor:
         if float(self.full) == 0.0:
             return torch.tensor(0.0)
         return (1.0 - self.pruned / self.full).float()
