@@ -3,6 +3,8 @@
     python benchmarks/tokens.py                      # both parts, CPU sizes
     python benchmarks/tokens.py --quick              # < 1 min smoke run
     python benchmarks/tokens.py --part speed --device cuda --preset 7b   # GPU: LLaVA-1.5-7B-shaped decoder
+    python benchmarks/tokens.py --part speed --arch llava                # LLaVA-1.5-shaped model, CPU sizes
+    python benchmarks/tokens.py --part speed --arch llava --device cuda --preset 7b
 
 1. speed: a random-init Llama-architecture decoder built from a config (no download), a LLaVA-1.5-like prompt
    (35 prefix + 576 image + 25 question tokens), DART from layer 2 with max_kept=64 (keeps 4 + 8 * 8 = 68
@@ -10,6 +12,11 @@
    the KV cache and ``logits_to_keep=1`` (what ``generate`` does first); total = ``generate`` with 32 new
    tokens (greedy, no early stop). Alternatives are timed ABAB-interleaved (the machine may be shared),
    medians reported. The selection cost (DART's pivots and similarities) is inside the timed region.
+   ``--arch llava``: the same on a LLaVA-1.5-shaped ``LlavaForConditionalGeneration`` (random init): a CLIP
+   ViT-L/14-336-shaped vision tower (576 image tokens, layer -2 features), the MLP projector and the language
+   model of ``--preset`` (``cpu``: the reduced 0.24B decoder above, since Vicuna-7B does not run on 2 CPU
+   cores in useful time; ``7b``: Vicuna-7B's shape). DART finds the image tokens itself (the config's image
+   token, read from the outer model's ``input_ids``); the vision tower runs in both arms and is timed.
 2. quality: ``TinyVLM`` (16x16 digits as 256 pixel tokens in a 4-layer Llama decoder, answer = class token)
    trained here without pruning, then evaluated on the held-out test split with DART / Random / FastV /
    Pool pruning at layer K at ~89% and ~78% pruning (the same kept count for every selector; DART's count
@@ -76,10 +83,99 @@ def _timed(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_speed(args) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+# LLaVA-1.5's vision tower: CLIP ViT-L/14 at 336 px (24 layers, hidden 1024), 576 patch tokens, features of the
+# second-to-last layer, a 2-layer GELU MLP projector (transformers' LlavaConfig defaults).
+CLIP_L_336 = dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
+CLIP_QUICK = dict(CLIP_L_336, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=168)  # fmt: skip
 
-    from lightning_eff.tokens import DART, DecoderTokenPruner, dart_num_kept
+
+def _machine(device: torch.device) -> dict:
+    import os
+    import platform
+
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _write_json(path: str, payload: dict) -> None:
+    import json
+
+    from lightning_eff.utils.io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
+    print(f"raw results: {path}")
+
+
+def _build_speed_model(args, sizes, dtype, device, n_img):
+    """(model, inputs, image token count, model description) for ``--arch``; random init from configs."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+    img_id = sizes["vocab_size"] - 1
+    text_cfg = dict(sizes, max_position_embeddings=4096)
+    prev = torch.get_default_dtype()
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if args.arch == "llama":
+                model = LlamaForCausalLM(LlamaConfig(**text_cfg, attn_implementation=args.attn)).eval()
+            else:
+                vision = CLIP_QUICK if args.quick else CLIP_L_336
+                cfg = LlavaConfig(
+                    text_config=dict(model_type="llama", **text_cfg),
+                    vision_config=vision,
+                    image_token_index=img_id,
+                    vision_feature_layer=-2,
+                    vision_feature_select_strategy="default",
+                    attn_implementation=args.attn,
+                )
+                model = LlavaForConditionalGeneration(cfg).eval()
+                n_img = (vision["image_size"] // vision["patch_size"]) ** 2
+    finally:
+        torch.set_default_dtype(prev)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    prefix, question = 35, args.text_tokens - 35
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat(
+        [
+            torch.randint(1, img_id, (prefix,), generator=g),
+            torch.full((n_img,), img_id),
+            torch.randint(1, img_id, (question,), generator=g),
+        ]
+    ).repeat(args.batch, 1)
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    if args.arch == "llava":
+        side = model.config.vision_config.image_size
+        pix = torch.randn(args.batch, 3, side, side, generator=g)
+        inputs["pixel_values"] = pix.to(device=device, dtype=dtype)
+    return model, inputs, n_img, img_id
+
+
+def bench_speed(args) -> dict:
+    from lightning_eff.tokens import DART, DecoderTokenPruner, dart_num_kept, find_decoder
     from lightning_eff.tokens.metrics import config_dims, decoder_flops
 
     device = torch.device(args.device)
@@ -88,45 +184,35 @@ def bench_speed(args) -> None:
     sizes = PRESETS[preset]
     n_img = 144 if args.quick else args.image_tokens
     max_kept = 16 if args.quick else args.max_kept
-    prefix, question, k = 35, args.text_tokens - 35, args.layer
-    cfg = LlamaConfig(**sizes, max_position_embeddings=4096, attn_implementation=args.attn)
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            lm = LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    lm.generation_config.eos_token_id = None
-    lm.generation_config.pad_token_id = 0
-    img_id = sizes["vocab_size"] - 1
-    g = torch.Generator().manual_seed(0)
-    ids = (
-        torch.cat(
-            [
-                torch.randint(1, img_id, (prefix,), generator=g),
-                torch.full((n_img,), img_id),
-                torch.randint(1, img_id, (question,), generator=g),
-            ]
-        )
-        .repeat(args.batch, 1)
-        .to(device)
-    )
-    mask = torch.ones_like(ids)
+    k = args.layer
+    model, inputs, n_img, img_id = _build_speed_model(args, sizes, dtype, device, n_img)
+    seq = inputs["input_ids"].shape[1]
     kept = dart_num_kept(max_kept)
-    seq, seq_pruned = ids.shape[1], ids.shape[1] - n_img + kept
+    seq_pruned = seq - n_img + kept
+    prefix, question = 35, seq - 35 - n_img
     n_layers = sizes["num_hidden_layers"]
-    dims = config_dims(cfg)
+    dims = config_dims(find_decoder(model).config)
     flops_ratio = decoder_flops([seq] * n_layers, **dims) / decoder_flops(
         [seq] * k + [seq_pruned] * (n_layers - k), **dims
     )
-    n_params = sum(p.numel() for p in lm.parameters()) / 1e9
-    print("== speed: DART vs no pruning, same model, same prompt ==")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e9
+    lm_params = sum(p.numel() for p in find_decoder(model).parameters()) / 1e9
+    what = "Llama-shaped decoder" if args.arch == "llama" else "LLaVA-1.5-shaped LlavaForConditionalGeneration"
+    print(f"== speed ({args.arch}): DART vs no pruning, same model, same prompt ==")
     print(
-        f"device={device} ({torch.get_num_threads()} CPU threads) dtype={args.dtype} attn={args.attn} preset={preset} ({n_params:.2f}B params: "
-        f"hidden {sizes['hidden_size']}, {n_layers} layers, MLP {sizes['intermediate_size']})"
+        f"device={device} ({torch.get_num_threads()} CPU threads) dtype={args.dtype} attn={args.attn} "
+        f"preset={preset}: {what}, {n_params:.2f}B params ({lm_params:.2f}B in the language model: hidden "
+        f"{sizes['hidden_size']}, {n_layers} layers, MLP {sizes['intermediate_size']}), random init"
     )
+    if args.arch == "llava":
+        v = model.config.vision_config
+        print(
+            f"vision tower: CLIP-shaped, {v.num_hidden_layers} layers, hidden {v.hidden_size}, {v.image_size} px / "
+            f"patch {v.patch_size} -> {n_img} image tokens (features of layer -2, 2-layer MLP projector); "
+            f"it runs in both arms (timed)"
+        )
+        if preset != "7b":
+            print("NOTE: the language model is reduced (not Vicuna-7B) so that it runs on a CPU; see --preset 7b.")
     print(
         f"prompt: batch {args.batch} x {seq} tokens = {prefix} prefix + {n_img} image + {question} question; "
         f"DART K={k}, max_kept={max_kept} -> keeps {kept} image tokens ({100 * (1 - kept / n_img):.1f}% pruned), "
@@ -134,28 +220,25 @@ def bench_speed(args) -> None:
     )
     print(
         f"protocol: {args.warmup} warm-up + {args.repeats} ABAB-interleaved repeats; prefill = forward(use_cache, "
-        f"logits_to_keep=1); total = generate({args.new_tokens} new tokens, greedy); medians"
+        f"logits_to_keep=1){' incl. the vision tower' if args.arch == 'llava' else ''}; total = "
+        f"generate({args.new_tokens} new tokens, greedy); medians"
     )
     pruner = DecoderTokenPruner(DART(num_kept=max_kept), layer=k, image_token_id=img_id)
 
     def prefill():
         with torch.no_grad():
-            lm(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            model(**inputs, use_cache=True, logits_to_keep=1)
 
     def generate():
         with torch.no_grad():
-            out = lm.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
+            out = model.generate(
+                **inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
             )
         assert out.shape[1] == seq + args.new_tokens
 
     def run(pruned: bool, fn) -> float:
         if pruned:
-            pruner.attach(lm)
+            pruner.attach(model)
         try:
             return _timed(fn, device)
         finally:
@@ -173,18 +256,46 @@ def bench_speed(args) -> None:
             times[("prefill", p)].append(run(p, prefill))
         for p in order:
             times[("total", p)].append(run(p, generate))
+    assert pruner.records and pruner.records[-1].span_kept == kept, "DART did not prune the image span"
     print("\n| measure | no pruning (ms) | DART (ms) | speed-up |")
     print("|---|---:|---:|---:|")
+    rows = {}
     for m in ("prefill", "total"):
         base, dart = statistics.median(times[(m, False)]), statistics.median(times[(m, True)])
+        rows[m] = {"no_pruning_ms": base, "dart_ms": dart, "speedup": base / dart,
+                   "no_pruning_all_ms": times[(m, False)], "dart_all_ms": times[(m, True)]}  # fmt: skip
         print(f"| {m} | {base:.1f} | {dart:.1f} | {base / dart:.2f}x |")
-    print(f"| estimated prefill FLOPs | | | {flops_ratio:.2f}x |")
+    print(f"| estimated language-model prefill FLOPs | | | {flops_ratio:.2f}x |")
     print(
         "targets (issue): prefill >= 2.5x, total >= 1.8x; paper (LLaVA-1.5-7B, GPU): 2.99x prefill, 1.99x total"
     )
+    result = {
+        "benchmark": "tokens.speed",
+        "command": "python benchmarks/tokens.py " + " ".join(sys.argv[1:]),
+        "arch": args.arch,
+        "preset": preset,
+        "model": what,
+        "params_b": n_params,
+        "language_model_params_b": lm_params,
+        "language_model": sizes,
+        "vision_tower": None if args.arch == "llama" else model.config.vision_config.to_dict(),
+        "dtype": args.dtype,
+        "attn": args.attn,
+        "batch": args.batch,
+        "prompt": {"prefix": prefix, "image": n_img, "question": question, "total": seq},
+        "dart": {"layer": k, "max_kept": max_kept, "kept_image_tokens": kept, "tokens_after_k": seq_pruned},
+        "protocol": {"warmup": args.warmup, "repeats": args.repeats, "new_tokens": args.new_tokens,
+                     "order": "ABAB-interleaved, medians"},  # fmt: skip
+        "results": rows,
+        "estimated_lm_prefill_flops_ratio": flops_ratio,
+        "machine": _machine(device),
+    }
+    out = args.out or f"benchmarks/results/tokens_speed_{args.arch}_{device.type}{'_' + preset if preset != 'cpu' else ''}.json"
+    _write_json(out, result)
+    return result
 
 
-def bench_quality(args) -> None:
+def bench_quality(args) -> dict:
     import logging
 
     import lightning as L
@@ -241,13 +352,37 @@ def bench_quality(args) -> None:
             rows.append((f"DART (M={m}, pivots {p_img}+{p_txt})", kl, kept, test_acc(cb(dart)), ""))
             accs = [test_acc(cb(Random(num_kept=kept, seed=s))) for s in range(args.random_seeds)]
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            rows.append(("Random", kl, kept, statistics.mean(accs), f"+- {sd:.3f} over {len(accs)} seeds"))
+            rows.append(("Random", kl, kept, statistics.mean(accs), f"+- {sd:.3f} over {len(accs)} seeds: {accs}"))
             rows.append(("FastV (last token)", kl, kept, test_acc(cb(FastV(num_kept=kept))), ""))
             rows.append(("Pool (2-D avg)", kl, kept, test_acc(cb(Pool(num_kept=kept))), ""))
     print("\n| selector | K | image tokens kept | pruned | test acc | |")
     print("|---|---:|---:|---:|---:|---|")
     for name, kl, kept, acc, note in rows:
         print(f"| {name} | {kl} | {kept} / {n_img} | {100 * (1 - kept / n_img):.1f}% | {acc:.3f} | {note} |")
+    result = {
+        "benchmark": "tokens.quality",
+        "command": "python benchmarks/tokens.py " + " ".join(sys.argv[1:]),
+        "protocol": {
+            "model": "TinyVLM: 4 Llama layers, hidden 64, eager attention",
+            "data": f"DigitsDataModule {image_size}x{image_size}; trained on its train split without pruning; "
+            "accuracy on its test split (359 images)",
+            "image_tokens": n_img,
+            "epochs": epochs,
+            "lr": args.lr,
+            "seed": 0,
+            "dart_pivots": [p_img, p_txt],
+            "layers": layers,
+            "budgets": "pruning 88.9% and 77.8% of the image tokens -> DART's M; every selector keeps DART's count",
+            "random_seeds": args.random_seeds,
+        },
+        "rows": [
+            {"selector": name, "layer": kl, "kept": kept, "image_tokens": n_img, "test_acc": acc, "note": note}
+            for name, kl, kept, acc, note in rows
+        ],
+        "machine": _machine(torch.device(args.device)),
+    }
+    _write_json(args.out or f"benchmarks/results/tokens_quality_{'quick' if quick else 'cpu'}.json", result)
+    return result
 
 
 def main(argv=None) -> None:
@@ -256,6 +391,13 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, < 1 min")
     p.add_argument("--preset", choices=("cpu", "7b"), default="cpu", help="decoder size for the speed part")
+    p.add_argument(
+        "--arch",
+        choices=("llama", "llava"),
+        default="llama",
+        help="speed part: a Llama decoder alone, or a LLaVA-1.5-shaped LlavaForConditionalGeneration (CLIP tower)",
+    )
+    p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/tokens_<part>_...json)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
     p.add_argument("--batch", type=int, default=1)

@@ -544,17 +544,20 @@ class DecoderTokenPruner:
         rows, counts, h = [], [], hidden
         for i, (n, all_kept) in enumerate(zip(lens_l, whole)):
             if all_kept:
-                rows.append(torch.arange(q, device=hidden.device))
+                row = torch.arange(q, device=hidden.device)
                 counts.append(n)
-                continue
-            ctx = self._row_context(full, i, n)
-            sel = self.selector.select(ctx)
-            kept = self._check_selection(sel, 1, starts[i : i + 1], n)
-            rows.append(build_keep_index(starts[i : i + 1], n, q, kept)[0])
-            counts.append(int(kept.shape[1]))
-            if sel.values is not None:
-                h = h.clone() if h is hidden else h
-                h[i : i + 1] = self._merge(h[i : i + 1], kept, sel.values)
+            else:
+                ctx = self._row_context(full, i, n)
+                sel = self.selector.select(ctx)
+                kept = self._check_selection(sel, 1, starts[i : i + 1], n)
+                row = build_keep_index(starts[i : i + 1], n, q, kept)[0]
+                counts.append(int(kept.shape[1]))
+                if sel.values is not None:
+                    h = h.clone() if h is hidden else h
+                    h[i : i + 1] = self._merge(h[i : i + 1], kept, sel.values)
+            # the sequence's own padding is never attended: drop it too (the rows are re-padded with fillers)
+            valid_row = row[full.valid[i, row]]
+            rows.append(valid_row if valid_row.numel() else row[-1:])
         keep, fillers = pad_keep_rows(rows)
         return keep, counts, h, fillers
 
