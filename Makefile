@@ -6,7 +6,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo demo-ko test test-all lint bench clean
+# A second environment for the oldest transformers pyproject.toml allows: a venv whose site-packages holds a
+# .pth that appends the main venv's site-packages (torch, lightning, ... are shared, not reinstalled) and that
+# installs only these pins, which shadow the main venv's. `make test-oldest` runs the transformers-facing
+# tests (marker `transformers_compat`) there; .ci/run calls it after `make test`.
+OLDEST_VENV  ?= .venv-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
+OLDEST_TRANSFORMERS := transformers==4.53.3 tokenizers==0.21.4 huggingface_hub==0.34.4
+
+.PHONY: setup demo demo-ko test test-all test-oldest lint bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +37,17 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
+$(OLDEST_STAMP): $(STAMP) Makefile
+	test -x $(OLDEST_VENV)/bin/python || $(BIN)/python -m venv $(OLDEST_VENV)
+	$(BIN)/python -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
+		> "$$($(OLDEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_lightning_eff_main_venv.pth"
+	$(OLDEST_VENV)/bin/python -m pip install --no-deps $(OLDEST_TRANSFORMERS)
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -c 'import transformers as t; print("oldest env: transformers", t.__version__, "from", t.__file__)'
+	$(OLDEST_VENV)/bin/python -m pytest -m "transformers_compat and not slow"
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -36,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ko.py
 
 clean:
-	rm -rf $(VENV) outputs lightning_logs .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) outputs lightning_logs .pytest_cache

@@ -111,12 +111,15 @@ def _llava_next_count(model, pixel_values, image_sizes) -> list[int]:
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         )
-    if isinstance(out, (list, tuple)):  # 4.x: unpacked per-image features
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(feats, torch.Tensor):  # one image, packed and concatenated
+        feats = [feats]
+    if feats[0].dim() == 3:  # 4.49: unpacked [tiles, tokens, dim] per image
         _, lens = m.pack_image_features(
-            list(out), image_sizes, cfg.vision_feature_select_strategy, image_newline=m.image_newline
+            list(feats), image_sizes, cfg.vision_feature_select_strategy, image_newline=m.image_newline
         )
         return [int(v) for v in lens]
-    return [int(f.shape[0]) for f in out.pooler_output]
+    return [int(f.shape[0]) for f in feats]
 
 
 def inputs(model, family: str, variant=None, seed: int = 0, prefix: int = 5, text: int = 10):
@@ -201,7 +204,7 @@ def manual_reference(model, kw, layer, start, n_img, choose):
     handle = dec.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         reset_rope_deltas(model)
-        model(**kw, use_cache=False)
+        model(**kw)  # (use_cache=False breaks Qwen2-VL in transformers 4.53)
     finally:
         handle.remove()
     assert seen["attention_mask"] is None or seen["attention_mask"].dim() == 4

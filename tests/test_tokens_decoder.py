@@ -21,6 +21,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from lightning_eff.tokens import DART, DecoderTokenPruner, FastV, Indices, Pool, Random, dart_keep_indices
 from lightning_eff.tokens.baselines import pool_matrix
 
+pytestmark = pytest.mark.transformers_compat
+
 IMG = 63  # image token id
 VOCAB = 64
 K = 2

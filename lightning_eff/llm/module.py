@@ -104,7 +104,12 @@ def build_causal_lm(
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"build_causal_lm: `dtype` must be one of {tuple(DTYPES)} or None, got {dtype!r}.")
     torch_dtype = DTYPES[dtype] if dtype is not None else None
-    kwargs: dict[str, Any] = {}
+    import transformers
+    from packaging.version import Version
+
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; older versions pass an unknown `dtype` to the model
+    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    kwargs: dict[str, Any] = {dtype_key: torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if isinstance(model, (str, os.PathLike)):
@@ -114,7 +119,7 @@ def build_causal_lm(
                 f"build_causal_lm: `model` {path!r} is not an existing local directory (nothing is downloaded); "
                 f"give a directory written by `save_pretrained`, or a config dict."
             )
-        lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     elif isinstance(model, dict):
         cfg = dict(model)
         model_type = cfg.pop("model_type", None)
@@ -134,7 +139,7 @@ def build_causal_lm(
             raise ValueError(
                 f"build_causal_lm: cannot build a {model_type!r} config from {model}: {err}"
             ) from err
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
+        lm = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         raise TypeError(
             f"build_causal_lm: `model` must be a local path or a config dict, got {model!r} ({type(model).__name__})."
