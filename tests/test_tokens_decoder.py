@@ -72,6 +72,10 @@ def _mask(impl, n, dtype):
     return torch.full((n, n), torch.finfo(dtype).min).triu(1)[None, None]
 
 
+def _out(x):
+    return x[0] if isinstance(x, tuple) else x  # transformers 4.x layers return a tuple
+
+
 @torch.no_grad()
 def manual_reference(lm, ids, layer, span, choose):
     """Runs the decoder layer by layer, drops tokens at ``layer`` and returns (logits, keep).
@@ -93,7 +97,7 @@ def manual_reference(lm, ids, layer, span, choose):
             k = attn.k_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
             _, k = apply_rotary_pos_emb(k, k, *pe)
             keys = repeat_kv(k, attn.num_key_value_groups).transpose(1, 2).reshape(n, -1)
-        h = dec.layers[i](h, attention_mask=_mask(impl, n, h.dtype), position_ids=pos, position_embeddings=pe)
+        h = _out(dec.layers[i](h, attention_mask=_mask(impl, n, h.dtype), position_ids=pos, position_embeddings=pe))
     out = choose(dec.norm(h)[0], keys, h)
     kept, values = out if isinstance(out, tuple) else (out, None)
     if values is not None:
@@ -105,8 +109,8 @@ def manual_reference(lm, ids, layer, span, choose):
     pos = keep[None]
     pe = dec.rotary_emb(h, pos)
     for i in range(layer, len(dec.layers)):
-        h = dec.layers[i](
-            h, attention_mask=_mask(impl, len(keep), h.dtype), position_ids=pos, position_embeddings=pe
+        h = _out(
+            dec.layers[i](h, attention_mask=_mask(impl, len(keep), h.dtype), position_ids=pos, position_embeddings=pe)
         )
     return lm.lm_head(dec.norm(h)), keep
 

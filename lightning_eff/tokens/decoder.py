@@ -7,8 +7,11 @@ values, so RoPE positions have gaps; layers >= K (and their KV cache) see the sh
 The official code forks the modeling file (pinned to an old ``transformers``) and asserts batch size 1. Here
 nothing is copied: :class:`DecoderTokenPruner` registers
 
-* a pre/post hook on the decoder model (``LlamaModel``/``Qwen2Model``/``MistralModel``) to see the call's
-  ``input_ids`` and 2-D ``attention_mask`` (padding) and to time the prefill;
+* a pre/post hook on the decoder model (``LlamaModel``/``Qwen2Model``/``MistralModel``, or the language model
+  of LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL) to see the call's ``input_ids`` and 2-D ``attention_mask``
+  (padding) and to time the prefill, and pre/post hooks on the ``transformers`` models between the attached
+  model and the decoder, whose ``input_ids`` are used when the decoder is called with ``inputs_embeds``
+  (see :mod:`lightning_eff.tokens.hf_compat`);
 * hooks on layer K-1 to capture what the selector needs (key states from ``k_proj``, RoPE'd here;
   attention weights for FastV);
 * a pre-hook on every layer >= K that replaces the hidden states (layer K only), ``position_ids``,
@@ -18,9 +21,9 @@ KV cache: layers < K cache all ``L`` tokens, layers >= K cache ``L'``. The cache
 stays ``L``, so ``generate`` keeps numbering new tokens from the original positions. In later calls
 (decoding) the 4-D mask the model builds for ``L + t`` keys is re-indexed for layers >= K to the kept
 prefix columns plus the new ones (the pruning record is stored per cache object). This works for eager and
-SDPA attention, for padded batches (left or right padding; each sequence keeps the same number of tokens, so
-the pruned length is the same across the batch) and for the ``DynamicCache`` that ``generate`` and
-``forward(use_cache=True)`` use.
+SDPA attention, for padded batches (left or right padding; sequences with different span lengths are padded
+with masked filler slots, see :mod:`lightning_eff.tokens.batching`) and for the ``DynamicCache`` that
+``generate`` and ``forward(use_cache=True)`` use.
 
 Not supported (clear errors): FlashAttention/flex attention (they take no 4-D mask), static or
 sliding-window caches beyond the window, beam search with a non-deterministic selector (:class:`Random`)
@@ -40,70 +43,19 @@ from torch import Tensor, nn
 
 from lightning_eff.tokens.api import Selection, SelectionContext, TokenSelector, build_keep_index
 from lightning_eff.tokens.batching import causal_mask, mask_columns, pad_keep_rows
-from lightning_eff.tokens.hf_compat import config_image_token, gather_positions, id_carriers, merge_mrope
+from lightning_eff.tokens.hf_compat import (
+    _get_path,
+    config_image_token,
+    find_decoder,
+    gather_positions,
+    id_carriers,
+    merge_mrope,
+)
 
 __all__ = ["DecoderTokenPruner", "PruneRecord", "find_decoder", "SUPPORTED_ATTENTION"]
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
-
-
-def _is_decoder(m: nn.Module) -> bool:
-    layers = getattr(m, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return False
-    attn = getattr(layers[0], "self_attn", None)
-    return (
-        attn is not None
-        and isinstance(getattr(attn, "k_proj", None), nn.Linear)
-        and isinstance(getattr(m, "norm", None), nn.Module)
-        and getattr(m, "config", None) is not None
-    )
-
-
-def _get_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential, list, tuple)):
-            obj = obj[int(part)]
-        elif hasattr(obj, part):
-            obj = getattr(obj, part)
-        else:
-            raise ValueError(f"`model_path`={path!r}: {type(obj).__name__} has no attribute {part!r}.")
-    return obj
-
-
-def find_decoder(module: nn.Module, path: str | None = None) -> nn.Module:
-    """The decoder stack (``LlamaModel``-like: ``.layers[i].self_attn.k_proj``, ``.norm``, ``.config``).
-
-    Args:
-        module: a ``transformers`` model, or any module (e.g. a ``LightningModule``) that contains one.
-        path: optional attribute path from ``module`` (``"model"``, ``"net.model"``); a ``*ForCausalLM``
-            found there is unwrapped to its decoder.
-
-    Raises:
-        ValueError: nothing with that structure (e.g. GPT-2, which has ``.h`` and fused ``c_attn``).
-
-    Example::
-
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                                   num_hidden_layers=2, num_attention_heads=2))
-        >>> type(find_decoder(lm)).__name__
-        'LlamaModel'
-    """
-    root = _get_path(module, path) if path else module
-    if not isinstance(root, nn.Module):
-        raise ValueError(f"`model_path`={path!r} points to a {type(root).__name__}, not an nn.Module.")
-    for m in root.modules():
-        if _is_decoder(m):
-            return m
-    raise ValueError(
-        f"unsupported architecture {type(root).__name__}: no decoder with the Llama/Qwen2/Mistral layout "
-        f"(`.layers[i].self_attn.k_proj`, `.norm`, `.config`) was found"
-        + (f" at model_path={path!r}" if path else "")
-        + ". Supported: transformers Llama, Qwen2, Qwen3, Mistral (and models with the same layout)."
-    )
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -3,6 +3,8 @@
 Three things differ between the model classes users prune (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)
 and between ``transformers`` versions (tested range: see ``pyproject.toml``; 4.49 and 5.x are run in CI):
 
+* **Where the decoder is.** :func:`find_decoder` finds the Llama-layout decoder stack inside any module
+  (the language model of a multimodal class, a ``*ForCausalLM``, a ``LightningModule`` that holds one).
 * **Where the token ids are.** The multimodal classes merge the image features into the embeddings
   themselves and call their language model with ``inputs_embeds``. The ids are seen by the outer model
   (``LlavaForConditionalGeneration.forward(input_ids=...)``); :func:`id_carriers` lists the modules between
@@ -26,7 +28,65 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["config_image_token", "gather_positions", "id_carriers", "merge_mrope"]
+__all__ = ["config_image_token", "find_decoder", "gather_positions", "id_carriers", "merge_mrope"]
+
+
+def _is_decoder(m: nn.Module) -> bool:
+    layers = getattr(m, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return False
+    attn = getattr(layers[0], "self_attn", None)
+    return (
+        attn is not None
+        and isinstance(getattr(attn, "k_proj", None), nn.Linear)
+        and isinstance(getattr(m, "norm", None), nn.Module)
+        and getattr(m, "config", None) is not None
+    )
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential, list, tuple)):
+            obj = obj[int(part)]
+        elif hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            raise ValueError(f"`model_path`={path!r}: {type(obj).__name__} has no attribute {part!r}.")
+    return obj
+
+
+def find_decoder(module: nn.Module, path: str | None = None) -> nn.Module:
+    """The decoder stack (``LlamaModel``-like: ``.layers[i].self_attn.k_proj``, ``.norm``, ``.config``).
+
+    Args:
+        module: a ``transformers`` model, or any module (e.g. a ``LightningModule``) that contains one.
+        path: optional attribute path from ``module`` (``"model"``, ``"net.model"``); a ``*ForCausalLM``
+            found there is unwrapped to its decoder.
+
+    Raises:
+        ValueError: nothing with that structure (e.g. GPT-2, which has ``.h`` and fused ``c_attn``).
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                                   num_hidden_layers=2, num_attention_heads=2))
+        >>> type(find_decoder(lm)).__name__
+        'LlamaModel'
+    """
+    root = _get_path(module, path) if path else module
+    if not isinstance(root, nn.Module):
+        raise ValueError(f"`model_path`={path!r} points to a {type(root).__name__}, not an nn.Module.")
+    for m in root.modules():
+        if _is_decoder(m):
+            return m
+    raise ValueError(
+        f"unsupported architecture {type(root).__name__}: no decoder with the Llama/Qwen2/Mistral layout "
+        f"(`.layers[i].self_attn.k_proj`, `.norm`, `.config`) was found"
+        + (f" at model_path={path!r}" if path else "")
+        + ". Supported: transformers Llama, Qwen2, Qwen3, Mistral (and models with the same layout)."
+    )
 
 
 def _path_to(root: nn.Module, target: nn.Module) -> list[nn.Module]:
