@@ -53,7 +53,8 @@ class TokenCompression(Callback):
         layer: K: the decoder layer / ViT block that first sees the shorter sequence (DART: 2).
         image_token_id: decoder span = the run of this token id in ``input_ids``.
         span: decoder span by positions ``(start, length)``. Without ``span`` and ``image_token_id`` the
-            module's ``token_span`` attribute is used (e.g. :class:`~lightning_eff.tokens.TinyVLM`).
+            module's ``token_span`` attribute is used (e.g. :class:`~lightning_eff.tokens.TinyVLM`), else the
+            image token of the wrapped model's config (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
         grid: ``(h, w)`` of the span for grid-aware selectors (default: the module's ``token_grid``).
         model_path: attribute path from the ``LightningModule`` to the model (default: found automatically).
         target: ``"auto"``, ``"decoder"`` or ``"vit"``.
