@@ -611,6 +611,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "one thread is not slowed down by other jobs on a shared machine)",
     )
     parser.add_argument(
+        "--cost-timed-steps",
+        type=int,
+        default=None,
+        help="timed steps of the cost section (default 30; quick 3), for a machine too loaded for the full count",
+    )
+    parser.add_argument(
+        "--cost-min-cycles",
+        type=int,
+        default=None,
+        help="least timed collision cycles when collision_every > 1 (default 10; quick 2)",
+    )
+    parser.add_argument(
         "--skip",
         nargs="*",
         default=[],
@@ -625,6 +637,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = settings(args.quick, args.seeds, args.cond_seeds)
     cfg["quick"] = args.quick
+    for flag, key in (("cost_timed_steps", "timed_steps"), ("cost_min_cycles", "min_cycles")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+            cfg["cost"][key] = value
     start = time.perf_counter()
     machine = {
         "python": sys.version.split()[0],

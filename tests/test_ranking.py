@@ -176,6 +176,48 @@ def test_cells_train_together_without_changing_any_result(dm8, monkeypatch):
         tiny(max_students_per_call=0)
 
 
+def test_full_data_per_run_and_augmented_as_the_package(dm8, monkeypatch):
+    """full_per_run: one full-data student per run, run r's HLR uses its own Acc_full (ddranking's
+    eval_full_data=True); the full data is augmented exactly when the package does (soft setting with
+    augment_hard); the report's protocol lists the departures that apply."""
+    import lightning_eff.ranking.evaluator as ev
+
+    full_calls = []
+    real = ev.evaluate_synthetic_sets
+
+    def recording(synsets, *args, **kwargs):
+        if synsets[0].metadata.get("method") == "full_data":
+            full_calls.append(dict(kwargs, students=kwargs["num_students"]))
+        return real(synsets, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_synthetic_sets", recording)
+    s = SyntheticSet.from_noise(dm8, 2, seed=1)
+    shared = tiny(metrics=["lrs"], num_eval=3).rank({"noise": s}, dm8)
+    assert full_calls[-1]["students"] == 1 and full_calls[-1]["dsa"] is None
+    assert len({r["full_acc"] for r in shared["noise"].runs}) == 1
+    assert any("full_per_run=True" in d for d in shared.protocol["departures_from_ddranking_0.2.0"])
+
+    per_run = tiny(metrics=["lrs"], num_eval=3, full_per_run=True).rank({"noise": s}, dm8)
+    assert full_calls[-1]["students"] == 3
+    accs = per_run.full_data["accuracies"]
+    assert len(accs) == 3 and per_run.full_data["per_run"] is True
+    for r, run in enumerate(per_run["noise"].runs):
+        assert run["full_acc"] == accs[r]
+        assert run["hlr"] == pytest.approx(accs[r] - run["syn_hard_acc"])
+    assert per_run["noise"].mean("hlr") == pytest.approx(
+        sum(accs) / 3 - sum(r["syn_hard_acc"] for r in per_run["noise"].runs) / 3
+    )
+    assert not any("full_per_run=True" in d for d in per_run.protocol["departures_from_ddranking_0.2.0"])
+
+    teacher = tiny_net(width=16)
+    soft = dict(soft_label_mode="M", teacher=teacher, augmentation="dsa", metrics=["lrs"], num_eval=1)
+    tiny(**soft).rank({"noise": s}, dm8)
+    assert full_calls[-1]["dsa"] is None  # use_aug_for_hard off: not augmented (soft_label.py l. 312)
+    rep = tiny(**soft, augment_hard=True).rank({"noise": s}, dm8)
+    assert full_calls[-1]["dsa"] is not None  # on: the package augments the full data too
+    assert rep.protocol["full_data"]["augmented"] is True
+
+
 def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatch):
     import lightning_eff.ranking.evaluator as ev
 

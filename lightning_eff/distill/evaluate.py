@@ -26,12 +26,11 @@ with ``torch.func.vmap(functional_call)``. A hand-written SGD with a per-student
 does what ``torch.optim.SGD`` does per student (``d = g + wd p``, ``b = mu b + d``, ``p -= lr b``, as
 fused ``_foreach`` ops), which the tests check against the sequential loop (``vectorize=False``) to
 2e-5. The random draws of a block of epochs are made ahead on the CPU and moved in a few packed
-copies, so steps do not wait on the host. Measured on an H200 (``benchmarks/distill_eval.py``, DSA,
-300 epochs): 3.0x over the loop for 5 students on 16 px digits IPC 10, 6.1x for DD-Ranking's lr grid
-(25 students), 1.3x for 5 students on 32 px RGB IPC 50, where one student already keeps the GPU busy.
-On the CPU the step is compute-bound and grouped convolutions are slower than plain ones, so the
-default there is the loop. Networks with BatchNorm (running statistics) always use the loop, with
-a warning.
+copies, so steps do not wait on the host. The gain is largest when one student leaves an accelerator
+idle (small images, few images per class) and smallest when one student already keeps it busy; measured
+speed-ups (``benchmarks/distill_eval.py``) are in the README section "DD-Ranking". On the CPU the step
+is compute-bound and grouped convolutions are slower than plain ones, so the default there is the loop.
+Networks with BatchNorm (running statistics) always use the loop, with a warning.
 
 :func:`evaluate_synthetic_sets` trains the students of several sets of equal size in one call (one step for
 all of them when vectorised); student ``j`` of set ``i`` is seeded from that set's seed alone, so each set

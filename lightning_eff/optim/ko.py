@@ -32,6 +32,24 @@ random unit direction ``e`` (opposite signs for the two particles)::
 
 which conserves the pair's momentum and kinetic energy (an elastic collision).
 
+Defaults, and where they differ from the author's code (``ko.py`` of FengMingquan-sjtu/nanoGPT at commit
+b24ce7b; line numbers of that file):
+
+* ``variant="wg_i"`` (self-interaction removed). The author's ``apply_gradient_collision`` defaults to
+  ``collision_type="wg"`` (l. 132; both are marked "commonly used", l. 151-153), and the author's training
+  script calls it with ``"wg"`` (``train.py`` l. 787 at commit ba1d14d). Our choice: with ``"wg"`` the diagonal ``S_ii = 1``
+  adds ``-gamma G`` to every row, i.e. it only shrinks the step by ``1 - gamma`` before the
+  neuron-neuron term; ``"wg_i"`` keeps the base optimizer's step size and leaves only the interaction.
+  Pass ``variant="wg"`` for the author's default.
+* ``collision_rate=0.1``, ``noise_scale=1e-4``, ``threshold=0``: as the author's soft collision (l. 132).
+* ``collision="soft"``: as the author's training script (``train.py`` l. 787). The author's
+  ``KiOptimizer`` wrapper (l. 175-179) calls the *hard* collision instead.
+* Hard collision: each partner leaves with half the relative speed, ``v_cm +- |v_r| / 2 * e`` (an elastic
+  collision of equal masses: the pair's momentum and kinetic energy are conserved). The author's
+  ``project_to_antisymmetric`` gives each pair ``|v_r| * e`` (l. 229), so ``v' = v_cm +- |v_r| e``, which
+  doubles the relative speed; and its ``e`` is normalised over the pairs (``dim=1``, l. 224), not to a
+  unit vector per pair. The sign and the scaling by ``noise_scale`` are below.
+
 Departures from the author's code, and why:
 
 * Hard collision sign. The author's update for particle j is ``(v_j - v_i) / 2 + ...``, which moves

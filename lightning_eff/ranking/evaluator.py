@@ -11,9 +11,11 @@ Protocol (per synthetic set, ``num_eval`` runs; the official defaults in bracket
 * every accuracy is the best test accuracy over checkpoints every ``eval_every`` epochs [20] and the
   final one, and the best over a learning-rate grid [0.001, 0.005, 0.01, 0.05, 0.1], one fresh student
   per lr; SGD momentum 0.9, weight decay 5e-4, lr x0.1 at half of the epochs, batch 256;
-* ``Acc_full``: students trained on the whole real training split with hard labels, no augmentation,
-  the fixed recipe of ``REAL_DATA_TRAINING_CONFIG`` [ConvNet-3 on CIFAR: 200 epochs, lr 0.01, batch 512];
-  computed once and cached per dataset, student and recipe (memory and a JSON cache file);
+* ``Acc_full``: students trained on the whole real training split with hard labels, a fixed recipe
+  (``full_epochs``, ``full_lr``, ``full_batch_size``), not augmented [the package augments it only in the
+  soft-label setting with ``use_aug_for_hard``, and so do we]; by default one student, trained once and shared
+  by every run [the package retrains it in every run: ``full_per_run=True``]; cached per dataset, student and
+  recipe (memory and a JSON cache file);
 * ``Acc_syn,hard``: the set with its hard labels, augmented only with ``augment_hard`` [off] in the
   soft-label setting, always augmented in the hard-label setting (as ``LabelRobustScoreHard``);
 * ``Acc_syn`` and ``Acc_rdm``: the set and a random real subset with the set's per-class counts,
@@ -41,12 +43,19 @@ Speed-ups over the official code, none of which changes what is computed:
 * under DDP (``torch.distributed`` initialised) the trainings are spread over ranks (greedy by cost)
   and the results gathered, so every rank returns the same report.
 
-Departures from ``ddranking`` 0.2.0: accuracies and scores are fractions (the package plugs percentages
-into ``exp``; ``lrs_ddranking`` / ``ars_ddranking`` in the results give its numbers); every randomness
-is seeded (the package seeds from the wall clock), so the same seed gives the same report; the final
-epoch is always a checkpoint; mode S gives the random subsets the teacher's soft labels (the package's
-``_generate_soft_labels`` uses an undefined ``self.teacher_model``); one teacher instead of an ensemble;
-``KL`` is always scaled by ``T^2`` (the package's ``scale_loss=True``; the same at ``T = 1``).
+Departures from ``ddranking`` 0.2.0 (checked against the package's source; :meth:`DDRanking.departures`
+lists the ones that apply to given settings, with file and line, and every report carries them in
+``protocol["departures_from_ddranking_0.2.0"]``): accuracies and scores are fractions (the package plugs
+percentages into ``exp``; ``lrs_ddranking`` / ``ars_ddranking`` in the results give its numbers); every
+randomness is seeded (the package seeds from the wall clock), so the same seed gives the same report; the
+final epoch is always a checkpoint; checkpoints every ``eval_every`` = 20 epochs for every training (the
+package's hard-label LRS tests every 10); the full-data students are shared by the runs unless
+``full_per_run=True`` and follow their own recipe (the package trains them for the students' epochs with
+``REAL_DATA_TRAINING_CONFIG``'s optimizer); mode S gives the random subsets the teacher's soft labels (the
+package's ``_generate_soft_labels`` uses an undefined ``self.teacher_model``); one teacher instead of an
+ensemble; ``KL`` is always scaled by ``T^2`` (the package's ``scale_loss=True``; the same at ``T = 1``).
+Checkpoints count from the first epoch, as in ``ddranking``; the legacy ``dd_ranking`` package in the same
+wheel tests only after 0.8 of the epochs.
 """
 
 from __future__ import annotations
@@ -305,14 +314,18 @@ class DDRanking:
         dsa: DSA parameters (default ``DSA()``: DD-Ranking's flip 0.5, rotate 15, saturation 2, brightness 1,
             contrast 0.5, scale 1.2, crop 0.125, cutout 0.5).
         cutmix: CutMix parameters (default ``CutMix(beta=1.0)``).
-        augment_hard: augment the hard-label HLR run in the soft-label setting (``use_aug_for_hard``).
+        augment_hard: augment the hard-label HLR run in the soft-label setting (``use_aug_for_hard``); as in the
+            package, the full-data students are then augmented too (``soft_label.py`` l. 312).
         metrics: which scores: ``"lrs"`` (HLR, IOR, LRS) and/or ``"ars"``.
         lrs_weight: ``w`` of LRS, in ``[0, 1]``.
         ars_weight: ``g`` of ARS, in ``[0, 1]``.
         full_epochs: epochs of the full-data students.
         full_lr: learning rate of the full-data students (no grid, as in the package).
         full_batch_size: batch size of the full-data students.
-        full_students: full-data students; ``Acc_full`` is the mean of their best accuracies.
+        full_students: full-data students; ``Acc_full`` is the mean of their best accuracies, used by every run.
+        full_per_run: train one full-data student per run instead (``num_eval`` of them, ``full_students`` is
+            ignored) and use run ``r``'s own ``Acc_full`` in run ``r``'s HLR, as ``ddranking`` 0.2.0 does with
+            ``eval_full_data=True`` (it retrains the full-data model in every run, ``hard_label.py`` l. 353-361).
         full_data_acc: a known full-data accuracy (fraction) to use instead of training.
         privileged_weight: DRUPI weight for sets with privileged information (``None``: the set's own);
             it applies to every training on the synthetic set (random subsets have none).
@@ -367,6 +380,7 @@ class DDRanking:
         full_lr: float = 0.01,
         full_batch_size: int = 512,
         full_students: int = 1,
+        full_per_run: bool = False,
         full_data_acc: float | None = None,
         privileged_weight: float | None = None,
         seed: int = 0,
@@ -469,6 +483,9 @@ class DDRanking:
         self.full_lr = _check_float("full_lr", full_lr, 0.0, low_open=True)
         self.full_batch_size = _check_int("full_batch_size", full_batch_size, 1)
         self.full_students = _check_int("full_students", full_students, 1)
+        if not isinstance(full_per_run, bool):
+            raise TypeError(f"DDRanking: `full_per_run` must be a bool, got {full_per_run!r}.")
+        self.full_per_run = full_per_run
         self.full_data_acc = (
             None if full_data_acc is None else _check_float("full_data_acc", full_data_acc, 0.0, 1.0)
         )
@@ -758,7 +775,9 @@ class DDRanking:
                 "epochs": self.full_epochs,
                 "lr": self.full_lr,
                 "batch_size": self.full_batch_size,
-                "students": self.full_students,
+                "students": self.num_eval if self.full_per_run else self.full_students,
+                "per_run": self.full_per_run,
+                "augmented": self.soft_label_mode is not None and self.augment_hard,
                 "given_accuracy": self.full_data_acc,
             },
             "privileged_weight": self.privileged_weight,
@@ -767,7 +786,58 @@ class DDRanking:
             "accuracy": "best over checkpoints every eval_every epochs (and the final one), best over the lr grid",
             "scores": "fractions; mean and population std over runs of the per-run scores",
             "protocol_version": PROTOCOL_VERSION,
+            "departures_from_ddranking_0.2.0": self.departures(),
         }
+
+    def departures(self) -> list[str]:
+        """How these settings differ from ``ddranking`` 0.2.0 (file and line of the package's code)."""
+        out = [
+            "scores are fractions; the package plugs percentages into exp (hard_label.py l. 380-383, soft_label.py "
+            "l. 561-564): see lrs_ddranking / ars_ddranking",
+            "every randomness is seeded from `seed`; the package reseeds every run from the wall clock (set_seed(), "
+            "utils/misc.py l. 9-11)",
+            "the final epoch is always a checkpoint besides every eval_every-th (the package tests only at "
+            "(epoch + 1) % test_interval == 0)",
+            "lr x0.1 at half of the epochs; the package's StepLR step_size has no default (get_lr_scheduler asserts, "
+            "utils/train_and_eval.py l. 116)",
+        ]
+        if self.eval_every != 10 and self.soft_label_mode is None and "lrs" in self.metrics:
+            out.append(
+                f"checkpoints every {self.eval_every} epochs; the package's hard-label LRS tests every 10 "
+                "(LabelRobustScoreHard.test_interval, hard_label.py l. 119; soft and ARS: 20, soft_label.py l. 130, "
+                "aug_robust.py l. 135)"
+            )
+        if "lrs" in self.metrics and self.full_data_acc is None:
+            if not self.full_per_run:
+                out.append(
+                    f"{self.full_students} full-data student(s) trained once (seed from `seed`) and shared by all "
+                    "runs and sets; the package with eval_full_data=True retrains one in every run after that run's "
+                    "set_seed() (hard_label.py l. 340, 353-361; soft_label.py l. 513, 526-534): full_per_run=True"
+                )
+            out.append(
+                f"full data: {self.full_epochs} epochs, lr {self.full_lr}, batch {self.full_batch_size}, lr x0.1 at "
+                "half; the package trains it for the students' num_epochs (default 300, hard_label.py l. 266) with "
+                "REAL_DATA_TRAINING_CONFIG's optimizer and step_size (CIFAR10-ConvNet-3: lr 0.01, step 100, "
+                "utils/train_and_eval.py l. 54-64) and the students' real_batch_size (default 256, hard_label.py "
+                "l. 240; the config's batch_size 512 is unused)"
+            )
+        if "ars" in self.metrics:
+            out.append(
+                "ARS reuses the IOR pair as its with-augmentation pair; the package trains it again (aug_robust.py "
+                "l. 536-555)"
+            )
+        if self.soft_label_mode is not None:
+            out.append(
+                "one teacher (the package averages an ensemble, train_and_eval.py l. 178-179); mode S labels the random "
+                "subsets with it (the package's _generate_soft_labels uses an undefined self.teacher_model, "
+                "soft_label.py l. 451); KL is scaled by T^2"
+            )
+        out.append(
+            "checkpoints count from the first epoch, as ddranking/metrics/*.py; the legacy dd_ranking package shipped "
+            "in the same wheel tests only after 0.8 of the epochs (dd_ranking/metrics/hard_label.py l. 171, "
+            "soft_label.py l. 224, 272)"
+        )
+        return out
 
 
 def _options_key(options: dict[str, Any]) -> tuple:
@@ -926,11 +996,14 @@ class _Context:
 
         if need_lrs and o.full_data_acc is None:
             seed = _seed_from(o.seed, "full")
+            # ddranking 0.2.0 augments the full data only in the soft-label setting with use_aug_for_hard
+            # (soft_label.py l. 312; hard_label.py l. 273 never does)
+            full_aug = soft and o.augment_hard
+            n_full = o.num_eval if o.full_per_run else o.full_students
             options = {
                 **self._common(o.full_epochs, o.full_batch_size),
                 "use_soft_labels": False,
-                "dsa": None,
-                "cutmix": None,
+                **self._aug(full_aug),
                 "privileged_weight": 0.0,
             }
             desc = {
@@ -942,20 +1015,22 @@ class _Context:
                 "momentum": o.momentum,
                 "weight_decay": o.weight_decay,
                 "eval_every": o.eval_every,
-                "students": o.full_students,
+                "students": n_full,
                 "seed": seed,
             }
+            if full_aug:  # (absent otherwise, so earlier cache files stay valid)
+                desc["aug"] = self._aug_desc(True)
             n = sum(len(self.dm.class_indices(c)) for c in range(self.dm.num_classes))
             jobs.append(
                 _Job(
                     "full",
                     "full",
                     0,
-                    [o.full_lr] * o.full_students,
+                    [o.full_lr] * n_full,
                     self.full_set,
                     options,
                     seed,
-                    cost=o.full_students * o.full_epochs * n,
+                    cost=n_full * o.full_epochs * n,
                     cache=desc,
                 )
             )
@@ -1125,6 +1200,7 @@ class _Context:
                     "accuracies": accs,
                     "given": False,
                     "cached": "full" in reused,
+                    "per_run": o.full_per_run,
                 }
         results = []
         for name, s in named.items():
@@ -1137,14 +1213,15 @@ class _Context:
                 rdm_acc, rdm_lr = best(f"rdm|{ctag}|{run}")
                 if need_lrs:
                     hard_acc, hard_lr = best(f"syn_hard|set:{name}|{run}") if soft else (syn_acc, syn_lr)
-                    row.update(full_acc=full_acc, syn_hard_acc=hard_acc, syn_hard_lr=hard_lr)
+                    run_full = res["full"]["best"][run] if o.full_per_run and o.full_data_acc is None else full_acc
+                    row.update(full_acc=run_full, syn_hard_acc=hard_acc, syn_hard_lr=hard_lr)
                 row.update(syn_acc=syn_acc, syn_lr=syn_lr, rdm_acc=rdm_acc, rdm_lr=rdm_lr)
                 if need_ars:
                     sn, sn_lr = best(f"syn_noaug|set:{name}|{run}")
                     rn, rn_lr = best(f"rdm_noaug|{ctag}|{run}")
                     row.update(syn_noaug_acc=sn, syn_noaug_lr=sn_lr, rdm_noaug_acc=rn, rdm_noaug_lr=rn_lr)
                 if need_lrs:
-                    row["hlr"] = F.hard_label_recovery(full_acc, row["syn_hard_acc"])
+                    row["hlr"] = F.hard_label_recovery(row["full_acc"], row["syn_hard_acc"])
                     row["ior"] = F.improvement_over_random(syn_acc, rdm_acc)
                     row["lrs"] = F.label_robust_score(row["hlr"], row["ior"], o.lrs_weight)
                     row["lrs_ddranking"] = F.label_robust_score(
