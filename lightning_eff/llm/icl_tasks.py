@@ -56,18 +56,18 @@ def icl_task_template():
     Example::
 
         >>> icl_task_template().answer_marker
-        'Question {k} Answer:'
+        'Q{k}:'
     """
     from lightning_eff.select.prompts import ICLTemplate
 
     return ICLTemplate(
-        instruction="Learn the codes from the examples.\n",
-        demonstration="Question: {question}\nAnswer:\n{answer}\n",
-        query_header="\nNow answer the questions.\n",
-        query="Question {k}: {question}",
+        instruction="Codes:\n",
+        demonstration="{question} {answer}\n",
+        query_header="Now:\n",
+        query="Q{k}: {question}",
         query_separator="\n",
         response_header="\nAnswers:\n",
-        answer_marker="Question {k} Answer:",
+        answer_marker="Q{k}:",
     )
 
 
@@ -183,12 +183,12 @@ def icl_meta_training_records(
 
     Returns:
         records with ``question`` = the prompt text (use ``prompt_template="{question}"``) and ``answer`` = the
-        expected response (``"Question 1 Answer: #### 7\\n..."`` without the final newline).
+        expected response (``"Q1: #### 7\\n..."`` without the final newline).
 
     Example::
 
         >>> docs = icl_meta_training_records(2, seed=0)
-        >>> docs[0]["answer"].splitlines()[0].startswith("Question 1 Answer: #### ")
+        >>> docs[0]["answer"].splitlines()[0].startswith("Q1: #### ")
         True
         >>> docs == icl_meta_training_records(2, seed=0)
         True
