@@ -57,12 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default="small", choices=sorted(SIZES))
-    p.add_argument("--meta-steps", type=int, default=1500, help="meta-training steps (one fresh task per episode)")
+    p.add_argument("--meta-steps", type=int, default=2000, help="meta-training steps (one fresh task per episode)")
     p.add_argument("--meta-batch", type=int, default=32)
     p.add_argument("--meta-lr", type=float, default=3e-3)
-    p.add_argument("--num-keys", type=int, default=8, help="keys per task")
+    p.add_argument("--num-keys", type=int, default=6, help="keys per task")
     p.add_argument("--task-seed", type=int, default=0, help="the held-out task")
-    p.add_argument("--pool", type=int, default=400)
+    p.add_argument("--pool", type=int, default=300)
     p.add_argument("--noise", type=float, default=0.3)
     p.add_argument("--corruption", default="systematic", choices=["random", "systematic"])
     p.add_argument("--val", type=int, default=60, help="clean validation records (the Data Whisperer queries)")
@@ -70,16 +70,18 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (same for every subset and the pool)")
-    p.add_argument("--choose-epochs", action="store_true", help="pick --epochs from --epoch-grid on validation")
-    p.add_argument("--epoch-grid", default="4,8,16")
+    p.add_argument("--no-choose-epochs", dest="choose_epochs", action="store_false",
+                   help="use --epochs instead of picking it from --epoch-grid on validation")
+    p.add_argument("--epoch-grid", default="5,10,20")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=20, help="fine-tuning steps before EL2N / GraNd")
     p.add_argument("--n-demos", type=int, default=5)
     p.add_argument("--n-queries", type=int, default=3)
-    p.add_argument("--passes", type=int, default=1, help="Data Whisperer prompt assignments averaged")
+    p.add_argument("--passes", type=int, default=3,
+                   help="prompt assignments averaged by the data_whisperer_passes selector (data_whisperer: 1)")
     p.add_argument("--prompt-batch-size", type=int, default=16)
-    p.add_argument("--methods", default="data_whisperer,random,el2n,grand,full")
+    p.add_argument("--methods", default="data_whisperer,data_whisperer_passes,random,el2n,grand,full")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 avoids oversubscription)")
     p.add_argument("--workdir", default="outputs/benchmarks/data_whisperer")
     p.add_argument("--artefacts", default="benchmarks/results/data_whisperer", help="scorer/, pool.jsonl, queries.jsonl")
@@ -87,7 +89,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.meta_steps, args.pool, args.val, args.test = "tiny", 60, 80, 12, 40
-        args.seeds, args.epochs, args.warmup_steps = 2, 2, 2
+        args.seeds, args.epochs, args.warmup_steps, args.epoch_grid = 2, 2, 2, "1,2"
         args.artefacts = os.path.join(args.workdir, "quick_artefacts")
         if args.out == "benchmarks/results/data_whisperer.json":
             args.out = os.path.join(args.workdir, "quick.json")
@@ -147,14 +149,29 @@ def meta_train(args, tok_dir, scorer_dir, model_cfg):
     L.seed_everything(0, verbose=False)
     dm = InstructionDataModule(data_path=str(corpus), num_train=None, num_val=0, num_test=0, prompt_template="{question}",
                                tokenizer=str(tok_dir), max_length=256, batch_size=args.meta_batch)  # fmt: skip
-    module = CausalLMModule(
-        model_cfg, tokenizer=str(tok_dir), generate_eval=False,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=args.meta_lr, weight_decay=0.0),
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(
-            o, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / args.meta_steps)),
-    )  # fmt: skip
+    class MetaModule(CausalLMModule):
+        """One-cycle learning rate stepped every optimizer step (10 % warm-up, cosine decay)."""
+
+        def configure_optimizers(self):
+            params = [p for p in self.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=args.meta_lr, weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.meta_lr, total_steps=args.meta_steps,
+                                                        pct_start=0.1)  # fmt: skip
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    class Progress(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.t0, self.losses = time.perf_counter(), []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+            if (batch_idx + 1) % 100 == 0:
+                print(f"  meta-training step {batch_idx + 1}: loss {statistics.mean(self.losses[-100:]):.3f} "
+                      f"({time.perf_counter() - self.t0:.0f} s)", flush=True)  # fmt: skip
+
+    module = MetaModule(model_cfg, tokenizer=str(tok_dir), generate_eval=False)
     t0 = time.perf_counter()
-    L.Trainer(max_epochs=1, **trainer_kwargs(args)).fit(module, datamodule=dm)
+    L.Trainer(max_epochs=1, callbacks=[Progress()], **trainer_kwargs(args)).fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
     module.save_pretrained(scorer_dir)
     return seconds
@@ -201,7 +218,7 @@ def main(argv=None):  # noqa: C901 - a linear script
           f"{args.corruption}); {args.val} clean queries; test {args.test}; ratio {args.ratio}")  # fmt: skip
     print(f"fine-tuning: {args.epochs} epochs, AdamW lr {args.lr}, batch {args.batch_size}, {args.seeds} seeds; "
           f"EL2N/GraNd warm-up {args.warmup_steps} steps; DW n_d={args.n_demos}, n_q={args.n_queries}, "
-          f"passes {args.passes}")  # fmt: skip
+          f"passes 1 (data_whisperer) and {args.passes} (data_whisperer_passes)")  # fmt: skip
     print(f"methods: {methods}", flush=True)
 
     # ------------------------------------------------------------------ 1. scorer
@@ -249,8 +266,9 @@ def main(argv=None):  # noqa: C901 - a linear script
 
     # ------------------------------------------------------------------ 4. selections
     def scorer_for(m):
-        if m == "data_whisperer":
-            return DataWhispererScorer(n_demos=args.n_demos, n_queries=args.n_queries, passes=args.passes,
+        if m.startswith("data_whisperer"):
+            passes = args.passes if m == "data_whisperer_passes" else 1
+            return DataWhispererScorer(n_demos=args.n_demos, n_queries=args.n_queries, passes=passes,
                                        prompt_batch_size=args.prompt_batch_size, icl_template=template.__dict__)  # fmt: skip
         if m == "random":
             return RandomScorer()

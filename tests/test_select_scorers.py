@@ -210,6 +210,7 @@ def test_scorers_by_class_path_through_the_cli_hit_their_cache(tmp_path, monkeyp
     args = ["--config", str(config), f"--model.init_args.model={tiny}", f"--data.init_args.scorer={scorer}",
             "--data.init_args.num_train=16", "--data.init_args.num_val=3", "--data.init_args.num_test=2",
             "--data.init_args.ratio=0.25", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+            f"--data.init_args.scorer_model={tiny}",
             "--data.init_args.progress=false", "--trainer.logger=false"]  # fmt: skip
     args += [f"--data.init_args.scorer.init_args.{k}={v}" for k, v in init_args.items()]
     picked = []

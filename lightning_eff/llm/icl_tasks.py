@@ -174,12 +174,14 @@ def icl_meta_training_records(
     n_queries: int = 3,
     first_task: int = 1_000_000,
     template=None,
+    match_queries: float = 0.9,
 ) -> list[dict]:
     """Meta-training documents: one fresh task per episode, written as a Data Whisperer prompt and its answers.
 
     Episode ``e`` uses task ``first_task + e`` (keep benchmark and test tasks below ``first_task``, so they are
-    held out), ``n_demos`` clean demonstrations and ``n_queries`` queries with uniformly drawn keys (a query
-    whose key no demonstration shows cannot be inferred; the model learns to copy when it can).
+    held out), ``n_demos`` clean demonstrations and ``n_queries`` queries. A query's key is one of the
+    demonstrations' keys with probability ``match_queries``, else uniform over the task's keys (such a query
+    cannot be inferred; few of them keep the loss from being dominated by guessing, so copying is learnt faster).
 
     Returns:
         records with ``question`` = the prompt text (use ``prompt_template="{question}"``) and ``answer`` = the
@@ -199,13 +201,17 @@ def icl_meta_training_records(
     _check_int(owner, "num_episodes", num_episodes, 0)
     _check_int(owner, "n_demos", n_demos, 1)
     _check_int(owner, "n_queries", n_queries, 1)
+    if isinstance(match_queries, bool) or not isinstance(match_queries, (int, float)) or not 0 <= match_queries <= 1:
+        raise ValueError(f"{owner}: `match_queries` must be a float in [0, 1], got {match_queries!r}.")
     t = icl_task_template() if template is None else template
     rng = random.Random(f"lookup-meta-{seed}")
     out = []
     for e in range(num_episodes):
         task = LookupTask.draw(first_task + e + seed * num_episodes, num_keys)
         demos = [task.record(rng.choice(task.keys)) for _ in range(n_demos)]
-        queries = [task.record(rng.choice(task.keys)) for _ in range(n_queries)]
+        shown = sorted({d["key"] for d in demos})
+        queries = [task.record(rng.choice(shown if rng.random() < match_queries else task.keys))
+                   for _ in range(n_queries)]  # fmt: skip
         prompt = build_icl_prompt(demos, queries, t).text
         out.append({"question": prompt, "answer": t.format_answers([q["answer"] for q in queries]).rstrip("\n")})
     return out
