@@ -605,7 +605,7 @@ class WhispererResult:
         Example::
 
             >>> r = WhispererResult(torch.tensor([[1., 2., 3.], [1., 3., 2.]]), torch.ones(2, 3), 2, 0)
-            >>> r.pass_agreement()
+            >>> round(r.pass_agreement(), 6)
             0.5
         """
         scores = self.pass_scores
