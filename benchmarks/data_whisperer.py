@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--n-queries", type=int, default=3)
     p.add_argument("--passes", type=int, default=3,
                    help="prompt assignments averaged by the data_whisperer_passes selector (data_whisperer: 1)")
-    p.add_argument("--prompt-batch-size", type=int, default=16)
+    p.add_argument("--prompt-batch-size", type=int, default=64)
     p.add_argument("--methods", default="data_whisperer,data_whisperer_passes,random,el2n,grand,full")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 avoids oversubscription)")
     p.add_argument("--workdir", default="outputs/benchmarks/data_whisperer")
@@ -227,6 +227,7 @@ def main(argv=None):  # noqa: C901 - a linear script
     tok.save_pretrained(tok_dir)
     settings = {k: getattr(args, k) for k in ("size", "meta_steps", "meta_batch", "meta_lr", "num_keys", "n_demos",
                                               "n_queries")}  # fmt: skip
+    settings["answer_format"] = "restated question"  # icl_meta_training_records(restate_question=True)
     marker = scorer_dir / "meta_training.json"
     if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
         meta_seconds = json.loads(marker.read_text())["seconds"]

@@ -83,7 +83,7 @@ def test_meta_training_records_are_dw_prompts_of_unseen_tasks():
     for d in docs:
         assert d["question"].startswith(t.instruction) and d["question"].endswith(t.response_header)
         assert d["question"].count(" #### ") == 5  # five demonstrations with answers
-        assert re.fullmatch(r"Q1: #### \d\nQ2: #### \d\nQ3: #### \d", d["answer"])
+        assert re.fullmatch(r"Q1: Code of \w\? #### \d\nQ2: Code of \w\? #### \d\nQ3: Code of \w\? #### \d", d["answer"])
     # the queries' answers are the episode's own mapping: a demonstration of the same key shows the same value
     for d in docs:
         demos = dict(re.findall(r"Code of (\w)\? #### (\d)", d["question"]))
@@ -260,8 +260,8 @@ def test_meta_trained_scorer_answers_in_context_and_ranks_clean_above_corrupted(
     torch.manual_seed(0)
     lm = build_causal_lm(str(SCORER_DIR)).eval()
     tok = load_tokenizer(str(SCORER_DIR))
-    pool = generate_lookup_task(120, task_seed=123, seed=1, noise=0.3, corruption="systematic")
-    val = generate_lookup_task(24, task_seed=123, seed=2)
+    pool = generate_lookup_task(120, task_seed=123, seed=1, num_keys=6, noise=0.3, corruption="systematic")
+    val = generate_lookup_task(24, task_seed=123, seed=2, num_keys=6)
     res = data_whisperer_scores(lm, tok, pool, val, template=icl_task_template(), prompt_batch_size=24, passes=2,
                                 progress=False)  # fmt: skip
     accuracy = res.query_score_sum / res.num_queries

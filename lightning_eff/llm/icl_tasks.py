@@ -175,6 +175,7 @@ def icl_meta_training_records(
     first_task: int = 1_000_000,
     template=None,
     match_queries: float = 0.9,
+    restate_question: bool = True,
 ) -> list[dict]:
     """Meta-training documents: one fresh task per episode, written as a Data Whisperer prompt and its answers.
 
@@ -183,14 +184,19 @@ def icl_meta_training_records(
     demonstrations' keys with probability ``match_queries``, else uniform over the task's keys (such a query
     cannot be inferred; few of them keep the loss from being dominated by guessing, so copying is learnt faster).
 
+    With ``restate_question`` each answer first repeats its query (``"Q1: Code of K? #### 7"``, a one-line worked
+    answer in GSM8K's style): the model then copies the query and continues it the way the demonstration with the
+    same key continues, which a two-layer transformer learns quickly (an induction head); without it
+    (``"Q1: #### 7"``) it must find query 1's key itself, which takes longer to learn.
+
     Returns:
         records with ``question`` = the prompt text (use ``prompt_template="{question}"``) and ``answer`` = the
-        expected response (``"Q1: #### 7\\n..."`` without the final newline).
+        expected response (``"Q1: Code of K? #### 7\\n..."`` without the final newline).
 
     Example::
 
         >>> docs = icl_meta_training_records(2, seed=0)
-        >>> docs[0]["answer"].splitlines()[0].startswith("Q1: #### ")
+        >>> docs[0]["answer"].splitlines()[0].startswith("Q1: Code of ")
         True
         >>> docs == icl_meta_training_records(2, seed=0)
         True
@@ -213,7 +219,8 @@ def icl_meta_training_records(
         queries = [task.record(rng.choice(shown if rng.random() < match_queries else task.keys))
                    for _ in range(n_queries)]  # fmt: skip
         prompt = build_icl_prompt(demos, queries, t).text
-        out.append({"question": prompt, "answer": t.format_answers([q["answer"] for q in queries]).rstrip("\n")})
+        answers = [f"{q['question']} {q['answer']}" if restate_question else q["answer"] for q in queries]
+        out.append({"question": prompt, "answer": t.format_answers(answers).rstrip("\n")})
     return out
 
 

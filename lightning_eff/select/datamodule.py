@@ -1,15 +1,17 @@
 """``DataWhispererDataModule``: an instruction DataModule that fine-tunes on a selected subset.
 
-In ``setup("fit")`` it scores every training example (Data Whisperer by default, or a baseline: random,
-EL2N, GraNd), keeps the top ``ratio`` (or ``num_selected``), and ``train_dataloader`` serves only that
-subset; validation and test data are untouched. See :mod:`lightning_eff.select.data_whisperer` for the
-method and the paper.
+In ``setup("fit")`` it scores every training example with a :class:`~lightning_eff.select.scorers.Scorer`
+plug-in (``DataWhispererScorer`` by default, or a baseline: ``RandomScorer``, ``EL2NScorer``, ``GraNdScorer``),
+keeps the top ``ratio`` (or ``num_selected``; ties broken at random with the selection seed), and
+``train_dataloader`` serves only that subset; validation and test data are untouched. See
+:mod:`lightning_eff.select.data_whisperer` for the method and the paper. The documented recipe takes the
+Data Whisperer queries from the clean validation split (``DataWhispererScorer(queries_from_val=True)``).
 
-* Scorer: the model being fine-tuned (the Trainer's :class:`~lightning_eff.llm.CausalLMModule`, at its
+* Scorer model: the model being fine-tuned (the Trainer's :class:`~lightning_eff.llm.CausalLMModule`, at its
   initial weights) by default, or ``scorer_model``: a local path (e.g. a smaller model of the same
   family, the paper's weak-to-strong setting) or a config dict.
-* Cache: with ``cache_dir``, the per-example scores are stored under a key of the method, the scorer
-  (weights fingerprint), the training data and every scoring setting, written atomically with a format
+* Cache: with ``cache_dir``, the per-example scores are stored under a key of the scorer class and its
+  settings (and the selection seed for a stochastic scorer), the scorer model (weights fingerprint), the training data and every scoring setting, written atomically with a format
   version; a rerun, a resumed run or a sweep over ``ratio`` reads them instead of scoring again. The
   selection is exported as JSON (``selection_path``, or next to the cache) and reads back with
   :func:`load_selection`.
