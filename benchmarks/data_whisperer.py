@@ -227,7 +227,7 @@ def main(argv=None):  # noqa: C901 - a linear script
     tok.save_pretrained(tok_dir)
     settings = {k: getattr(args, k) for k in ("size", "meta_steps", "meta_batch", "meta_lr", "num_keys", "n_demos",
                                               "n_queries")}  # fmt: skip
-    settings["answer_format"] = "restated question"  # icl_meta_training_records(restate_question=True)
+    settings["answer_format"] = "restated question, K7 #### 7"  # icl_meta_training_records(restate_question=True)
     marker = scorer_dir / "meta_training.json"
     if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
         meta_seconds = json.loads(marker.read_text())["seconds"]

@@ -83,10 +83,10 @@ def test_meta_training_records_are_dw_prompts_of_unseen_tasks():
     for d in docs:
         assert d["question"].startswith(t.instruction) and d["question"].endswith(t.response_header)
         assert d["question"].count(" #### ") == 5  # five demonstrations with answers
-        assert re.fullmatch(r"Q1: Code of \w\? #### \d\nQ2: Code of \w\? #### \d\nQ3: Code of \w\? #### \d", d["answer"])
+        assert re.fullmatch(r"(Q\d: Code of (\w)\? \2(\d) #### \3\n?){3}", d["answer"])
     # the queries' answers are the episode's own mapping: a demonstration of the same key shows the same value
     for d in docs:
-        demos = dict(re.findall(r"Code of (\w)\? #### (\d)", d["question"]))
+        demos = dict(re.findall(r"Code of (\w)\? \w\d #### (\d)", d["question"]))
         keys = re.findall(r"Q\d: Code of (\w)\?", d["question"])
         values = re.findall(r"#### (\d)", d["answer"])
         for k, v in zip(keys, values):

@@ -9,8 +9,10 @@ local GSM8K files stay the real-data route.
 
 **The family.** A task is a random function ``f`` from ``num_keys`` code letters (a random subset of ``A``-``Z``)
 to digits ``0``-``9`` (:class:`LookupTask`, drawn from ``task_seed``). An example asks for the value of one
-key, ``"Code of K?"``, with the answer ``"#### 7"`` (GSM8K's final-answer format, so the exact-match parser,
-the prompt builder and the metrics of :mod:`lightning_eff.llm` apply unchanged). The rule is shown only by
+key, ``"Code of K?"``, with the one-step worked answer ``"K7 #### 7"`` (the key written next to its digit, then
+GSM8K's final-answer format, so the exact-match parser, the prompt builder and the metrics of
+:mod:`lightning_eff.llm` apply unchanged; writing the digit right after the key is what lets a small model copy it
+from the demonstration with the same key, with an induction head). The rule is shown only by
 the demonstrations: a model that has never seen the task can answer a query only by finding its key among
 the demonstrations and copying the value, so a demonstration with a wrong value misleads it.
 
@@ -108,7 +110,7 @@ class LookupTask:
     def record(self, key: str, value: int | None = None, corrupted: bool = False) -> dict:
         """The record asking for ``key`` (answer ``value``, default the right one)."""
         v = self.mapping[key] if value is None else value
-        return {"question": f"Code of {key}?", "answer": f"#### {v}", "key": key, "corrupted": bool(corrupted)}
+        return {"question": f"Code of {key}?", "answer": f"{key}{v} #### {v}", "key": key, "corrupted": bool(corrupted)}
 
 
 def generate_lookup_task(
@@ -130,7 +132,7 @@ def generate_lookup_task(
         corruption: ``"random"`` (a random other digit) or ``"systematic"`` (the task's fixed wrong digit).
 
     Returns:
-        dicts with ``question`` (``"Code of K?"``), ``answer`` (``"#### 7"``), ``key`` and ``corrupted`` (bool).
+        dicts with ``question`` (``"Code of K?"``), ``answer`` (``"K7 #### 7"``), ``key`` and ``corrupted`` (bool).
 
     Example::
 
@@ -138,7 +140,7 @@ def generate_lookup_task(
         >>> pool == generate_lookup_task(200, task_seed=1, seed=5, noise=0.3), sum(r["corrupted"] for r in pool)
         (True, 60)
         >>> task = LookupTask.draw(1)
-        >>> all((r["answer"] == f"#### {task.mapping[r['key']]}") != r["corrupted"] for r in pool)
+        >>> all((r["answer"].endswith(f"#### {task.mapping[r['key']]}")) != r["corrupted"] for r in pool)
         True
     """
     owner = "generate_lookup_task"
@@ -184,14 +186,14 @@ def icl_meta_training_records(
     demonstrations' keys with probability ``match_queries``, else uniform over the task's keys (such a query
     cannot be inferred; few of them keep the loss from being dominated by guessing, so copying is learnt faster).
 
-    With ``restate_question`` each answer first repeats its query (``"Q1: Code of K? #### 7"``, a one-line worked
+    With ``restate_question`` each answer first repeats its query (``"Q1: Code of K? K7 #### 7"``, a one-line worked
     answer in GSM8K's style): the model then copies the query and continues it the way the demonstration with the
     same key continues, which a two-layer transformer learns quickly (an induction head); without it
     (``"Q1: #### 7"``) it must find query 1's key itself, which takes longer to learn.
 
     Returns:
         records with ``question`` = the prompt text (use ``prompt_template="{question}"``) and ``answer`` = the
-        expected response (``"Q1: Code of K? #### 7\\n..."`` without the final newline).
+        expected response (``"Q1: Code of K? K7 #### 7\\n..."`` without the final newline).
 
     Example::
 
