@@ -3,7 +3,8 @@
 Protocol (printed at start; see ``lightning_eff.llm.icl_tasks`` for the task family):
 
 1. Scorer. A small Llama (random init) is meta-trained on ``--meta-steps`` x ``--meta-batch`` episodes of fresh
-   lookup tasks written as Data Whisperer prompts (5 demonstrations, 3 queries, answers ``Q<k>: #### <digit>``),
+   lookup tasks written as Data Whisperer prompts (5 demonstrations, 3 queries, answers
+   ``Q<k>: Code of K? K7 #### 7``),
    so that it answers *in context*: it can answer a query only by finding its key among the demonstrations.
    It stands in for the instruction-tuned LLM of the paper and is also the model every selector's subset
    fine-tunes. Saved with its tokenizer to ``benchmarks/results/data_whisperer/scorer/``.
