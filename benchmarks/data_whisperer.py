@@ -1,25 +1,31 @@
-"""Data Whisperer vs random / EL2N / GraNd / full-set fine-tuning on generated GSM8K-style arithmetic.
+"""Data Whisperer vs random / EL2N / GraNd / the full pool on a held-out in-context lookup task (CPU scale).
 
-Protocol (printed at start):
+Protocol (printed at start; see ``lightning_eff.llm.icl_tasks`` for the task family):
 
-1. Base model. A small Llama (random init from a config) is trained on a clean arithmetic corpus
-   (question -> worked answer, plus Data Whisperer-format few-shot prompts with their answers), so that
-   its in-context answers are better than chance. This stands in for the instruction-tuned LLM of the
-   paper. Its test exact match and in-context accuracy are reported.
-2. Selection pool. ``--pool`` new problems whose answers carry ``--noise`` label noise (wrong final
-   results). Each selector keeps ``--ratio`` of the pool: Data Whisperer (training-free, the base model
-   scores in context), random, EL2N and GraNd (each after a ``--warmup-steps`` fine-tuning pass).
-   Selection times are medians over ``--select-repeats`` runs, interleaved across selectors.
-3. Fine-tuning. From the base model, ``--epochs`` epochs of AdamW on each subset and on the full pool,
-   for ``--seeds`` seeds, interleaved (full, DW, random, EL2N, GraNd, full, DW, ...); exact match of the
-   greedy answer on ``--test`` held-out clean problems.
-4. Table: mean +- std of test exact match over seeds, difference to random, selection time, STR =
-   selection time / median full fine-tuning time (the paper's selection-to-tuning ratio), and the
-   fraction of noisy examples in each subset.
+1. Scorer. A small Llama (random init) is meta-trained on ``--meta-steps`` x ``--meta-batch`` episodes of fresh
+   lookup tasks written as Data Whisperer prompts (5 demonstrations, 3 queries, answers
+   ``Q<k>: Code of K? K7 #### 7``),
+   so that it answers *in context*: it can answer a query only by finding its key among the demonstrations.
+   It stands in for the instruction-tuned LLM of the paper and is also the model every selector's subset
+   fine-tunes. Saved with its tokenizer to ``benchmarks/results/data_whisperer/scorer/``.
+2. Held-out task (``--task-seed``, never seen in meta-training). Pool: ``--pool`` records, ``--noise`` of them
+   corrupted (``--corruption``: ``systematic`` = the task's fixed wrong digit per key); validation: ``--val``
+   clean records, the Data Whisperer queries (``queries.jsonl``); test: ``--test`` clean records.
+3. In-context accuracy of the scorer on clean queries, with clean demonstrations and with the pool's, and the
+   share of prompts with no parsed answer, reported separately.
+4. Selection at ``--ratio`` through ``DataWhispererDataModule`` with each scorer (class_path plug-ins); a new
+   selection per fine-tuning seed (``selection_seed``: random draw, EL2N/GraNd warm-up order, tie-breaking;
+   Data Whisperer's scores are read from the cache after the first seed and re-ranked with the seed).
+   AUROC of each selector's score for telling clean (positive) from corrupted pool examples.
+5. Fine-tuning from the scorer's weights, ``--epochs`` epochs of AdamW (same recipe for every subset and for
+   the full pool), ``--seeds`` seeds, interleaved by seed; exact match on the test set.
+6. STR = selection time / median time of fine-tuning on the full pool with the same recipe, measured in this run.
 
-    python benchmarks/data_whisperer.py --quick            # smoke run, < 1 min of compute after imports
-    python benchmarks/data_whisperer.py                    # CPU default (reduced size, about 15 min on 2 cores)
-    python benchmarks/data_whisperer.py --device cuda --pool 8000 --seeds 5 --size base   # GPU
+Settings were fixed before looking at test numbers; ``--choose-epochs`` picks the fine-tuning epochs from
+``--epoch-grid`` by validation exact match of random-subset fine-tuning (validation only).
+
+    python benchmarks/data_whisperer.py --quick      # smoke run (a few minutes on 2 cores)
+    python benchmarks/data_whisperer.py              # the committed CPU run
 """
 
 from __future__ import annotations
@@ -27,8 +33,7 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the standard library's `select` module, which Python would otherwise import from
-# here (the script's folder is sys.path[0]): take the folder off the path before anything imports `select`.
+# This file is named like the standard library's `select` module's package; keep the script folder off sys.path.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
 
@@ -36,7 +41,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -44,12 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIZES = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2},  # fmt: skip
-    "small": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "num_key_value_heads": 2},  # fmt: skip
-    "base": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8,
-             "num_key_value_heads": 4},  # fmt: skip
+    "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4},
 }
 
 
@@ -58,232 +58,259 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default="small", choices=sorted(SIZES))
-    p.add_argument("--pretrain-qa", type=int, default=6000, help="question/answer documents of the base corpus")
-    p.add_argument("--pretrain-icl", type=int, default=600, help="few-shot documents of the base corpus")
-    p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--max-operand", type=int, default=9, help="largest operand of the problems")
-    p.add_argument("--max-steps", type=int, default=1, choices=[1, 2], help="calculation steps per problem")
-    p.add_argument("--pool", type=int, default=1500, help="examples in the selection pool")
-    p.add_argument("--noise", type=float, default=0.3, help="label-noise fraction of the pool")
-    p.add_argument("--test", type=int, default=300)
+    p.add_argument("--meta-steps", type=int, default=2000, help="meta-training steps (one fresh task per episode)")
+    p.add_argument("--meta-batch", type=int, default=32)
+    p.add_argument("--meta-lr", type=float, default=3e-3)
+    p.add_argument("--num-keys", type=int, default=6, help="keys per task")
+    p.add_argument("--task-seed", type=int, default=0, help="the held-out task")
+    p.add_argument("--pool", type=int, default=300)
+    p.add_argument("--noise", type=float, default=0.3)
+    p.add_argument("--corruption", default="systematic", choices=["random", "systematic"])
+    p.add_argument("--val", type=int, default=60, help="clean validation records (the Data Whisperer queries)")
+    p.add_argument("--test", type=int, default=500)
     p.add_argument("--ratio", type=float, default=0.1)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (same for every subset)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--warmup-steps", type=int, default=30, help="fine-tuning steps before EL2N / GraNd")
-    p.add_argument("--select-repeats", type=int, default=1)
-    p.add_argument("--prompt-batch-size", type=int, default=8)
-    p.add_argument("--methods", default="data_whisperer,random,el2n,grand,full")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (same for every subset and the pool)")
+    p.add_argument("--no-choose-epochs", dest="choose_epochs", action="store_false",
+                   help="use --epochs instead of picking it from --epoch-grid on validation")
+    p.add_argument("--epoch-grid", default="5,10,20")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup-steps", type=int, default=20, help="fine-tuning steps before EL2N / GraNd")
+    p.add_argument("--n-demos", type=int, default=5)
+    p.add_argument("--n-queries", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3,
+                   help="prompt assignments averaged by the data_whisperer_passes selector (data_whisperer: 1)")
+    p.add_argument("--prompt-batch-size", type=int, default=64)
+    p.add_argument("--methods", default="data_whisperer,data_whisperer_passes,random,el2n,grand,full")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 avoids oversubscription)")
-    p.add_argument("--workdir", default=None, help="where the base model is written (default: a temp dir)")
-    p.add_argument("--out", default="outputs/benchmarks/select.json")
+    p.add_argument("--workdir", default="outputs/benchmarks/data_whisperer")
+    p.add_argument("--artefacts", default="benchmarks/results/data_whisperer", help="scorer/, pool.jsonl, queries.jsonl")
+    p.add_argument("--out", default="benchmarks/results/data_whisperer.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.pretrain_qa, args.pretrain_icl, args.pretrain_epochs = "tiny", 400, 40, 1
-        args.pool, args.test, args.seeds, args.epochs, args.warmup_steps = 100, 40, 2, 1, 3
-        args.ratio = max(args.ratio, 0.1)
+        args.size, args.meta_steps, args.pool, args.val, args.test = "tiny", 60, 80, 12, 40
+        args.seeds, args.epochs, args.warmup_steps, args.epoch_grid = 2, 2, 2, "1,2"
+        args.artefacts = os.path.join(args.workdir, "quick_artefacts")
+        if args.out == "benchmarks/results/data_whisperer.json":
+            args.out = os.path.join(args.workdir, "quick.json")
     return args
 
 
 def trainer_kwargs(args):
-    return {
-        "accelerator": "gpu" if args.device == "cuda" else "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "gradient_clip_val": 1.0,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-    }
+    return {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1, "logger": False,
+            "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "gradient_clip_val": 1.0, "limit_val_batches": 0, "num_sanity_val_steps": 0}  # fmt: skip
 
 
-def write_jsonl(path, records):
+def write_jsonl(path, records, keys=("question", "answer", "corrupted", "key")):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n")
+            f.write(json.dumps({k: r[k] for k in keys if k in r}) + "\n")
 
 
-def base_corpus(args):
-    """Clean QA documents plus Data Whisperer-format few-shot documents with their answers."""
-    import random
+def auroc(scores, positive):
+    """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney U with ties counted 1/2)."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return float("nan")
+    import torch
 
-    from lightning_eff.llm import DEFAULT_PROMPT, generate_arithmetic
-    from lightning_eff.select import ICLTemplate, build_icl_prompt
-
-    template = ICLTemplate()
-    kw = {"max_operand": args.max_operand, "max_steps": args.max_steps}
-    qa = generate_arithmetic(args.pretrain_qa, seed=100, **kw)
-    docs = [{"question": DEFAULT_PROMPT.format(question=r["question"]), "answer": r["answer"]} for r in qa]
-    rng = random.Random(101)
-    pool = generate_arithmetic(max(50, args.pretrain_icl * 2), seed=102, **kw)
-    for _ in range(args.pretrain_icl):
-        picked = rng.sample(pool, 8)
-        demos, queries = picked[:5], picked[5:]
-        prompt = build_icl_prompt(demos, queries, template).text
-        docs.append({"question": prompt, "answer": template.format_answers([q["answer"] for q in queries]).rstrip("\n")})
-    rng.shuffle(docs)
-    return docs
-
-
-class _ShuffledBatches:
-    """Fixed batches of similar-length examples, in a new random order at every epoch."""
-
-    def __init__(self, batches, seed=0):
-        self.batches, self.epoch, self.seed = batches, 0, seed
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        import random
-
-        order = list(self.batches)
-        random.Random(self.seed + self.epoch).shuffle(order)
-        self.epoch += 1
-        return iter(order)
+    allv = torch.tensor(pos + neg, dtype=torch.float64)
+    order = torch.argsort(allv, stable=True)
+    ranks = torch.empty_like(allv)
+    ranks[order] = torch.arange(1, len(allv) + 1, dtype=torch.float64)
+    sv = allv[order]
+    i = 0
+    while i < len(sv):  # average ranks of ties
+        j = i
+        while j + 1 < len(sv) and sv[j + 1] == sv[i]:
+            j += 1
+        ranks[order[i : j + 1]] = ranks[order[i : j + 1]].mean()
+        i = j + 1
+    u = float(ranks[: len(pos)].sum()) - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
 
 
-def _length_grouped_module():
-    from torch.utils.data import DataLoader
-
-    from lightning_eff.llm import InstructionDataModule
-    from lightning_eff.llm.data import InstructionDataset
-
-    class LengthGrouped(InstructionDataModule):
-        """Training batches of similar length (the few-shot documents are ~8x longer than the QA ones)."""
-
-        def train_dataloader(self):
-            recs = self.train_records
-            order = sorted(range(len(recs)), key=lambda i: len(recs[i]["question"]) + len(recs[i]["answer"]))
-            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-            return DataLoader(InstructionDataset(recs), batch_sampler=_ShuffledBatches(batches, self.seed),
-                              collate_fn=self.collator)  # fmt: skip
-
-    return LengthGrouped
-
-
-def _epoch_printer():
+def meta_train(args, tok_dir, scorer_dir, model_cfg):
     import lightning as L
+    import torch
 
-    class EpochPrinter(L.Callback):
+    from lightning_eff.llm import CausalLMModule, InstructionDataModule
+    from lightning_eff.llm.icl_tasks import icl_meta_training_records
+
+    workdir = Path(args.workdir)
+    corpus = workdir / "meta_corpus.jsonl"
+    docs = icl_meta_training_records(args.meta_steps * args.meta_batch, seed=0, num_keys=args.num_keys,
+                                     n_demos=args.n_demos, n_queries=args.n_queries)  # fmt: skip
+    write_jsonl(corpus, docs, keys=("question", "answer"))
+    L.seed_everything(0, verbose=False)
+    dm = InstructionDataModule(data_path=str(corpus), num_train=None, num_val=0, num_test=0, prompt_template="{question}",
+                               tokenizer=str(tok_dir), max_length=256, batch_size=args.meta_batch)  # fmt: skip
+    class MetaModule(CausalLMModule):
+        """One-cycle learning rate stepped every optimizer step (10 % warm-up, cosine decay)."""
+
+        def configure_optimizers(self):
+            params = [p for p in self.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=args.meta_lr, weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.meta_lr, total_steps=args.meta_steps,
+                                                        pct_start=0.1)  # fmt: skip
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    class Progress(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            self.t0 = time.perf_counter()
+            self.t0, self.losses = time.perf_counter(), []
 
-        def on_train_epoch_end(self, trainer, pl_module):
-            loss = trainer.callback_metrics.get("train/loss_epoch", float("nan"))
-            print(f"  base epoch {trainer.current_epoch}: loss {float(loss):.3f} "
-                  f"({time.perf_counter() - self.t0:.0f} s)", flush=True)  # fmt: skip
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+            if (batch_idx + 1) % 100 == 0:
+                print(f"  meta-training step {batch_idx + 1}: loss {statistics.mean(self.losses[-100:]):.3f} "
+                      f"({time.perf_counter() - self.t0:.0f} s)", flush=True)  # fmt: skip
 
-    return EpochPrinter
+    module = MetaModule(model_cfg, tokenizer=str(tok_dir), generate_eval=False)
+    t0 = time.perf_counter()
+    L.Trainer(max_epochs=1, callbacks=[Progress()], **trainer_kwargs(args)).fit(module, datamodule=dm)
+    seconds = time.perf_counter() - t0
+    module.save_pretrained(scorer_dir)
+    return seconds
 
 
-def main(argv=None):
+def main(argv=None):  # noqa: C901 - a linear script
     args = parse_args(argv)
+    import logging
+    import warnings
+
     import lightning as L
     import torch
     import transformers
 
-    from lightning_eff.llm import CausalLMModule, InstructionDataModule
-    from lightning_eff.select import DataWhispererDataModule
-
-    LengthGrouped, EpochPrinter = _length_grouped_module(), _epoch_printer()
+    from lightning_eff.llm import CausalLMModule, InstructionDataModule, build_causal_lm, load_tokenizer
+    from lightning_eff.llm.icl_tasks import generate_lookup_task, icl_task_template, icl_task_tokenizer
+    from lightning_eff.select import (
+        DataWhispererDataModule,
+        DataWhispererScorer,
+        EL2NScorer,
+        GraNdScorer,
+        RandomScorer,
+        data_whisperer_scores,
+    )
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    import warnings
-
     warnings.filterwarnings("ignore")
-    import logging
-
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="select-bench-"))
+    workdir, art = Path(args.workdir), Path(args.artefacts)
     workdir.mkdir(parents=True, exist_ok=True)
+    art.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    model_cfg = {"model_type": "llama", **SIZES[args.size], "max_position_embeddings": 1024, "tie_word_embeddings": True}
-    print("# Data Whisperer selection benchmark")
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, device={args.device}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, threads={torch.get_num_threads()}")  # fmt: skip
-    print(f"model: Llama {SIZES[args.size]} (random init, arithmetic BPE tokenizer)")
-    print(f"base corpus: {args.pretrain_qa} QA + {args.pretrain_icl} few-shot documents, {args.pretrain_epochs} epochs")
-    print(f"problems: operands <= {args.max_operand}, {args.max_steps} step(s); pool: {args.pool} problems, "
-          f"{args.noise:.0%} label noise; test: {args.test} clean problems; ratio {args.ratio}")  # fmt: skip
-    print(f"fine-tuning: {args.epochs} epochs, AdamW lr {args.lr}, batch {args.batch_size}, seeds {args.seeds}; "
-          f"EL2N/GraNd warm-up {args.warmup_steps} steps; DW n_d=5, n_q=3")  # fmt: skip
-    print(f"methods: {methods}")
-    sys.stdout.flush()
+    template = icl_task_template()
+    model_cfg = {"model_type": "llama", **SIZES[args.size], "max_position_embeddings": 256, "tie_word_embeddings": True}
+    print("# Data Whisperer selection benchmark: held-out in-context lookup task")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, device={args.device}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"scorer: Llama {SIZES[args.size]}, meta-trained {args.meta_steps} steps x {args.meta_batch} episodes, "
+          f"lr {args.meta_lr}")  # fmt: skip
+    print(f"task {args.task_seed}: {args.num_keys} keys; pool {args.pool} ({args.noise:.0%} corrupted, "
+          f"{args.corruption}); {args.val} clean queries; test {args.test}; ratio {args.ratio}")  # fmt: skip
+    print(f"fine-tuning: {args.epochs} epochs, AdamW lr {args.lr}, batch {args.batch_size}, {args.seeds} seeds; "
+          f"EL2N/GraNd warm-up {args.warmup_steps} steps; DW n_d={args.n_demos}, n_q={args.n_queries}, "
+          f"passes 1 (data_whisperer) and {args.passes} (data_whisperer_passes)")  # fmt: skip
+    print(f"methods: {methods}", flush=True)
 
-    # ------------------------------------------------------------------ 1. base model
-    base_dir = workdir / "base"
-    base_settings = {k: getattr(args, k) for k in ("size", "pretrain_qa", "pretrain_icl", "pretrain_epochs",
-                                                   "max_operand", "max_steps", "device")}  # fmt: skip
-    marker = workdir / "base.json"
-    if marker.is_file() and json.loads(marker.read_text())["settings"] == base_settings:
-        base_seconds = json.loads(marker.read_text())["seconds"]
-        print(f"\nreusing the base model in {base_dir} (same settings; trained in {base_seconds:.0f} s)")
+    # ------------------------------------------------------------------ 1. scorer
+    scorer_dir, tok_dir = art / "scorer", workdir / "tokenizer"
+    tok = icl_task_tokenizer()
+    tok.save_pretrained(tok_dir)
+    settings = {k: getattr(args, k) for k in ("size", "meta_steps", "meta_batch", "meta_lr", "num_keys", "n_demos",
+                                              "n_queries")}  # fmt: skip
+    settings["answer_format"] = "restated question, K7 #### 7"  # icl_meta_training_records(restate_question=True)
+    marker = scorer_dir / "meta_training.json"
+    if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
+        meta_seconds = json.loads(marker.read_text())["seconds"]
+        print(f"\nreusing the meta-trained scorer in {scorer_dir} (trained in {meta_seconds:.0f} s)")
     else:
-        corpus = workdir / "base_corpus.jsonl"
-        write_jsonl(corpus, base_corpus(args))
-        L.seed_everything(0, verbose=False)
-        base_dm = LengthGrouped(data_path=str(corpus), num_train=None, num_val=0, num_test=0,
-                                prompt_template="{question}", max_length=1024, batch_size=32)  # fmt: skip
-        base = CausalLMModule(model_cfg, tokenizer="arithmetic-bpe", optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
+        meta_seconds = meta_train(args, tok_dir, scorer_dir, model_cfg)
+        marker.write_text(json.dumps({"settings": settings, "seconds": meta_seconds}, indent=1))
+        print(f"\nscorer meta-trained in {meta_seconds:.0f} s -> {scorer_dir}")
+    size_mb = sum(f.stat().st_size for f in scorer_dir.iterdir()) / 2**20
+    print(f"scorer directory: {size_mb:.2f} MB")
+
+    # ------------------------------------------------------------------ 2. data
+    kw = {"task_seed": args.task_seed, "num_keys": args.num_keys}
+    pool = generate_lookup_task(args.pool, seed=1, noise=args.noise, corruption=args.corruption, **kw)
+    clean_pool = generate_lookup_task(args.pool, seed=1, **kw)
+    val = generate_lookup_task(args.val, seed=2, **kw)
+    test = generate_lookup_task(args.test, seed=3, **kw)
+    write_jsonl(art / "pool.jsonl", pool)
+    write_jsonl(art / "queries.jsonl", val)
+    write_jsonl(workdir / "test.jsonl", test)
+    corrupted = [bool(r["corrupted"]) for r in pool]
+
+    # ------------------------------------------------------------------ 3. in-context accuracy
+    scorer_lm = build_causal_lm(str(scorer_dir)).eval()
+    scorer_tok = load_tokenizer(str(scorer_dir))
+    icl = {}
+    for name, demos in (("clean demonstrations", clean_pool), ("pool demonstrations", pool)):
         t0 = time.perf_counter()
-        L.Trainer(max_epochs=args.pretrain_epochs, callbacks=[EpochPrinter()], **trainer_kwargs(args)).fit(
-            base, datamodule=base_dm
-        )
-        base_seconds = time.perf_counter() - t0
-        base.save_pretrained(base_dir)
-        marker.write_text(json.dumps({"settings": base_settings, "seconds": base_seconds}))
-        print(f"\nbase model trained in {base_seconds:.0f} s -> {base_dir}")
+        res = data_whisperer_scores(scorer_lm, scorer_tok, demos, val, n_demos=args.n_demos, n_queries=args.n_queries,
+                                    template=template, prompt_batch_size=args.prompt_batch_size, progress=False)  # fmt: skip
+        icl[name] = {"accuracy": res.query_score_sum / max(res.num_queries, 1),
+                     "unparsed_share": res.num_skipped / max(res.num_prompts, 1), "prompts": res.num_prompts,
+                     "seconds": time.perf_counter() - t0}  # fmt: skip
+        print(f"in-context accuracy on clean queries, {name}: {icl[name]['accuracy']:.3f} "
+              f"(prompts with no parsed answer: {icl[name]['unparsed_share']:.3f} of {res.num_prompts})", flush=True)
+    chance = 1 / 10
 
-    def data_module(method, seed=0, **kw):
-        return DataWhispererDataModule(
-            method=method, ratio=args.ratio, num_train=args.pool, num_val=8, num_test=args.test, noise=args.noise,
-            max_operand=args.max_operand, max_steps=args.max_steps,
-            seed=1, batch_size=args.batch_size, eval_batch_size=64, max_length=1024, scorer_model=str(base_dir),
-            prompt_batch_size=args.prompt_batch_size, warmup_steps=args.warmup_steps, warmup_lr=args.lr,
-            selection_seed=seed, device="cuda" if args.device == "cuda" else "cpu", progress=False, **kw,
-        )  # fmt: skip
+    # ------------------------------------------------------------------ 4. selections
+    def scorer_for(m):
+        if m.startswith("data_whisperer"):
+            passes = args.passes if m == "data_whisperer_passes" else 1
+            return DataWhispererScorer(n_demos=args.n_demos, n_queries=args.n_queries, passes=passes,
+                                       prompt_batch_size=args.prompt_batch_size, icl_template=template.__dict__)  # fmt: skip
+        if m == "random":
+            return RandomScorer()
+        cls = EL2NScorer if m == "el2n" else GraNdScorer
+        return cls(warmup_steps=args.warmup_steps, warmup_lr=args.lr)
 
-    def evaluate(module, dm):
-        out = L.Trainer(**trainer_kwargs(args)).test(module, datamodule=dm, verbose=False)
-        return float(out[0]["test/exact_match"])
-
-    probe = data_module("full")
-    probe.setup("fit")
-    base_em = evaluate(CausalLMModule(str(base_dir), max_new_tokens=48), probe)
-    pool = probe.train_records
-    noisy = [bool(r["corrupted"]) for r in pool]
-    print(f"base model test exact match: {base_em:.3f}")
-
-    # ------------------------------------------------------------------ 2. selections (interleaved repeats)
+    data_kw = dict(data_path=str(art / "pool.jsonl"), val_path=str(art / "queries.jsonl"),
+                   test_path=str(workdir / "test.jsonl"), num_train=None, tokenizer=str(scorer_dir),
+                   batch_size=args.batch_size, eval_batch_size=100, max_length=64)  # fmt: skip
     selectors = [m for m in methods if m != "full"]
-    sel_times: dict[str, list[float]] = {m: [] for m in selectors}
-    selections: dict[str, dict[int, list[int]]] = {m: {} for m in selectors}
-    sel_stats: dict[str, dict] = {}
-    for rep in range(args.select_repeats):
+    selections = {m: {} for m in selectors}
+    sel_seconds = {m: [] for m in selectors}
+    sel_stats, sel_auroc, sel_noisy = {}, {m: [] for m in selectors}, {m: [] for m in selectors}
+    cache = workdir / "cache"
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)  # time every selector's first scoring in this run
+    for seed in range(args.seeds):
         for m in selectors:
-            seeds = range(args.seeds) if (m == "random" and rep == 0) else [0]
-            for s in seeds:
-                dm = data_module(m, seed=s)
-                dm.setup("fit")
-                if s == 0:
-                    sel_times[m].append(dm.selection_stats["scoring_seconds"])
-                selections[m][s] = list(dm.selected_indices)
-                sel_stats[m] = dict(dm.selection_stats)
-            print(f"selection {m:>15} repeat {rep}: {sel_times[m][-1]:7.1f} s", flush=True)
+            dm = DataWhispererDataModule(scorer=scorer_for(m), ratio=args.ratio, scorer_model=str(scorer_dir),
+                                         selection_seed=seed, cache_dir=str(cache), progress=False,
+                                         device="cuda" if args.device == "cuda" else "cpu", **data_kw)  # fmt: skip
+            dm.setup("fit")
+            idx = list(dm.selected_indices)
+            selections[m][seed] = idx
+            if not dm.cache_hit:
+                sel_seconds[m].append(dm.selection_stats["scoring_seconds"])
+            sel_stats[m] = {k: v for k, v in dm.selection_stats.items()}
+            sel_auroc[m].append(auroc(dm.scores.tolist(), [not c for c in corrupted]))
+            sel_noisy[m].append(sum(corrupted[i] for i in idx) / len(idx))
+            print(f"seed {seed} select {m:>15}: {len(idx)} examples, corrupted {sel_noisy[m][-1]:.2f}, "
+                  f"AUROC {sel_auroc[m][-1]:.3f}, scoring {dm.selection_stats['scoring_seconds']:.1f} s"
+                  f"{' (cache)' if dm.cache_hit else ''}", flush=True)  # fmt: skip
     if "data_whisperer" in sel_stats:
         st = sel_stats["data_whisperer"]
-        print(f"base model in-context score on the pool queries: {st.get('icl_score', float('nan')):.3f} "
-              f"({int(st.get('skipped_prompts', 0))}/{int(st.get('prompts', 0))} prompts unparsable)")  # fmt: skip
+        print(f"Data Whisperer on the pool: ICL accuracy {st.get('icl_accuracy', float('nan')):.3f}, unparsed share "
+              f"{st.get('unparsed_share', float('nan')):.3f}, tied at the cut-off {int(st.get('tied_at_cutoff', 0))}")
 
-    # ------------------------------------------------------------------ 3. fine-tuning (interleaved)
+    # ------------------------------------------------------------------ 5. fine-tuning (interleaved)
     class Fixed(InstructionDataModule):
         def __init__(self, indices, **kw):
             super().__init__(**kw)
@@ -292,53 +319,80 @@ def main(argv=None):
         def train_indices(self):
             return self.indices
 
-    results: dict[str, list[dict]] = {m: [] for m in methods}
+    def finetune(idx, seed, epochs, split="test"):
+        dm = Fixed(idx, **data_kw)
+        L.seed_everything(1000 + seed, verbose=False)
+        module = CausalLMModule(str(scorer_dir), max_new_tokens=6,
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0))  # fmt: skip
+        t0 = time.perf_counter()
+        L.Trainer(max_epochs=epochs, **trainer_kwargs(args)).fit(module, datamodule=dm)
+        fit_s = time.perf_counter() - t0
+        trainer = L.Trainer(**trainer_kwargs(args))
+        if split == "val":
+            dm.setup("fit")
+            loader = torch.utils.data.DataLoader(dm.val_dataloader().dataset, batch_size=100,
+                                                 collate_fn=dm.collator)  # fmt: skip
+            out = trainer.test(module, dataloaders=loader, verbose=False)
+        else:
+            out = trainer.test(module, datamodule=dm, verbose=False)
+        return float(out[0]["test/exact_match"]), fit_s
+
+    chosen = None
+    if args.choose_epochs:
+        grid = [int(e) for e in args.epoch_grid.split(",")]
+        val_em = {}
+        for e in grid:
+            val_em[e] = statistics.mean(finetune(selections["random"][s], s, e, "val")[0] for s in range(2))
+            print(f"validation: random subset, {e} epochs -> EM {val_em[e]:.3f}", flush=True)
+        args.epochs = chosen = max(grid, key=lambda e: (val_em[e], -e))
+        print(f"chosen on validation: {args.epochs} epochs")
+
+    results = {m: [] for m in methods}
     for seed in range(args.seeds):
         for m in methods:
-            idx = list(range(len(pool))) if m == "full" else selections[m].get(seed, selections[m][0])
-            dm = Fixed(idx, num_train=args.pool, num_val=8, num_test=args.test, noise=args.noise, seed=1,
-                       max_operand=args.max_operand, max_steps=args.max_steps,
-                       batch_size=args.batch_size, eval_batch_size=64, max_length=1024)  # fmt: skip
-            L.seed_everything(1000 + seed, verbose=False)
-            module = CausalLMModule(str(base_dir), max_new_tokens=48,
-                                    optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr))  # fmt: skip
-            t0 = time.perf_counter()
-            L.Trainer(max_epochs=args.epochs, **trainer_kwargs(args)).fit(module, datamodule=dm)
-            fit_s = time.perf_counter() - t0
-            em = evaluate(module, dm)
-            frac_noisy = sum(noisy[i] for i in idx) / len(idx)
-            results[m].append({"seed": seed, "exact_match": em, "fit_seconds": fit_s, "noisy_fraction": frac_noisy})
-            print(f"seed {seed} {m:>15}: {len(idx):5d} examples, fit {fit_s:6.1f} s, test EM {em:.3f}, "
-                  f"noisy {frac_noisy:.2f}", flush=True)  # fmt: skip
+            idx = list(range(len(pool))) if m == "full" else selections[m][seed]
+            em, fit_s = finetune(idx, seed, args.epochs)
+            noisy = sum(corrupted[i] for i in idx) / len(idx)
+            results[m].append({"seed": seed, "exact_match": em, "fit_seconds": fit_s, "corrupted_fraction": noisy,
+                               "examples": len(idx)})  # fmt: skip
+            print(f"seed {seed} {m:>15}: {len(idx):4d} examples, fit {fit_s:6.1f} s, test EM {em:.3f}, "
+                  f"corrupted {noisy:.2f}", flush=True)  # fmt: skip
 
-    # ------------------------------------------------------------------ 4. table
+    # ------------------------------------------------------------------ 6. table
     full_t = statistics.median(r["fit_seconds"] for r in results["full"]) if "full" in results else float("nan")
     rand = [r["exact_match"] for r in results.get("random", [])]
     rand_mean = statistics.mean(rand) if rand else float("nan")
-    print(f"\nbase model (no fine-tuning): test EM {base_em:.3f}")
-    print("\n| method | examples | test EM (mean +- std) | vs random | selection s | STR | noisy in subset |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rand_std = statistics.stdev(rand) if len(rand) > 1 else 0.0
+    print("\n| method | examples | test EM (mean +- std) | vs random | corrupted in subset | AUROC clean vs corrupted "
+          "| selection s | STR |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = {}
     for m in methods:
         ems = [r["exact_match"] for r in results[m]]
         mean, std = statistics.mean(ems), (statistics.stdev(ems) if len(ems) > 1 else 0.0)
-        sel = statistics.median(sel_times[m]) if m in sel_times else 0.0
+        sel = statistics.median(sel_seconds[m]) if sel_seconds.get(m) else 0.0
         str_ = sel / full_t if m != "full" else float("nan")
-        n = len(pool) if m == "full" else len(selections[m][0])
-        noisy_frac = statistics.mean(r["noisy_fraction"] for r in results[m])
-        summary[m] = {"exact_match": ems, "mean": mean, "std": std, "selection_seconds": sel_times.get(m, []),
-                      "str": str_, "examples": n, "noisy_fraction": noisy_frac, "runs": results[m]}  # fmt: skip
+        au = statistics.mean(sel_auroc[m]) if m in sel_auroc else float("nan")
+        summary[m] = {"exact_match": ems, "mean": mean, "std": std, "selection_seconds": sel_seconds.get(m, []),
+                      "selection_seconds_median": sel, "str": str_, "auroc": sel_auroc.get(m), "auroc_mean": au,
+                      "corrupted_fraction": statistics.mean(r["corrupted_fraction"] for r in results[m]),
+                      "runs": results[m], "stats": sel_stats.get(m)}  # fmt: skip
         vs = "" if m == "random" else f"{mean - rand_mean:+.3f}"
-        str_txt = "-" if m == "full" else f"{str_:.3f}"
-        sel_txt = "-" if m == "full" else f"{sel:.1f}"
-        print(f"| {m} | {n} | {mean:.3f} +- {std:.3f} | {vs} | {sel_txt} | {str_txt} | {noisy_frac:.2f} |")
-    print(f"\nfull fine-tuning time (median over seeds): {full_t:.1f} s; STR = selection s / that.")
+        print(f"| {m} | {results[m][0]['examples']} | {mean:.3f} +- {std:.3f} | {vs} | "
+              f"{summary[m]['corrupted_fraction']:.2f} | {'-' if m == 'full' else f'{au:.3f}'} | "
+              f"{'-' if m == 'full' else f'{sel:.1f}'} | {'-' if m == 'full' else f'{str_:.3f}'} |")  # fmt: skip
+    print(f"\nfull-pool fine-tuning ({args.epochs} epochs): median {full_t:.1f} s; STR = selection s / that.")
+    if "data_whisperer" in summary and rand:
+        dw = summary["data_whisperer"]
+        print(f"targets: DW - random = {dw['mean'] - rand_mean:+.3f} vs spread (max std) "
+              f"{max(dw['std'], rand_std):.3f}; DW AUROC {dw['auroc_mean']:.3f} (>= 0.8); DW STR {dw['str']:.3f} (< 0.2); "
+              f"ICL accuracy (clean) {icl['clean demonstrations']['accuracy']:.3f} (>= 0.3, chance {chance:.2f})")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"args": vars(args), "base_em": base_em, "base_seconds": base_seconds,
-                   "full_finetune_seconds": full_t, "dw_stats": sel_stats.get("data_whisperer"),
-                   "summary": summary}, f, indent=1)  # fmt: skip
+        json.dump({"args": vars(args), "chosen_epochs": chosen, "meta_training_seconds": meta_seconds,
+                   "scorer_mb": size_mb, "icl": icl, "chance": chance, "full_finetune_seconds": full_t,
+                   "summary": summary, "selections": selections}, f, indent=1)  # fmt: skip
     print(f"raw numbers: {out}")
 
 

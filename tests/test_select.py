@@ -17,7 +17,11 @@ from lightning_eff.llm import InstructionCollator, build_causal_lm, generate_ari
 from lightning_eff.llm.metrics import extract_answer
 from lightning_eff.select import (
     DataWhispererDataModule,
+    DataWhispererScorer,
+    EL2NScorer,
+    GraNdScorer,
     ICLTemplate,
+    RandomScorer,
     build_icl_prompt,
     data_whisperer_scores,
     default_attention_layer,
@@ -332,11 +336,23 @@ def test_skipped_prompts_and_real_generation(lm, tok, records):
 # ------------------------------------------------------------------------------------------------
 # the DataModule
 # ------------------------------------------------------------------------------------------------
-def _dm(tmp_path=None, **kw):
-    args = dict(scorer_model=TINY, num_train=23, num_val=4, num_test=4, attention_layer=1, progress=False,
-                max_new_tokens=6, seed=5)  # fmt: skip
+_DW_KEYS = ("n_demos", "n_queries", "attention_layer", "max_new_tokens", "prompt_batch_size", "queries_from_val",
+            "passes")  # fmt: skip
+
+
+def _dm(tmp_path=None, method="data_whisperer", **kw):
+    """A DataModule on 23 arithmetic examples; scorer settings in ``kw`` go to the scorer of ``method``."""
+    args = dict(scorer_model=TINY, num_train=23, num_val=4, num_test=4, progress=False, seed=5)
     if tmp_path is not None:
         args["cache_dir"] = str(tmp_path / "cache")
+    if method == "data_whisperer":
+        dw = {"attention_layer": 1, "max_new_tokens": 6, **{k: kw.pop(k) for k in _DW_KEYS if k in kw}}
+        args["scorer"] = DataWhispererScorer(**dw)
+    elif method in ("el2n", "grand"):
+        warm = {k: kw.pop(k) for k in ("warmup_steps", "warmup_lr") if k in kw}
+        args["scorer"] = (EL2NScorer if method == "el2n" else GraNdScorer)(**warm)
+    else:
+        args["method"] = method
     args.update(kw)
     return DataWhispererDataModule(**args)
 
@@ -347,7 +363,8 @@ def _stub_scores(monkeypatch, records):
 
     def fake(model, tokenizer, recs, *a, **kw):
         calls.append(1)
-        kw["predict_fn"] = oracle(recs)
+        queries = a[0] if a else kw.get("query_records")
+        kw["predict_fn"] = oracle(list(recs) + list(queries or []))
         return real(model, tokenizer, recs, *a, **kw)
 
     monkeypatch.setattr("lightning_eff.select.data_whisperer.data_whisperer_scores", fake)
@@ -362,7 +379,7 @@ def test_datamodule_selects_top_ratio_and_serves_it(monkeypatch, tmp_path):
     assert calls == [1]
     k = math.ceil(0.2 * 23)
     assert len(dm.selected_indices) == k == 5
-    assert dm.selected_indices == torch.argsort(-dm.scores, stable=True)[:k].tolist()
+    assert dm.selected_indices == top_k(dm.scores, k, seed=dm.selection_seed)
     served = {int(i) for b in dm.train_dataloader() for i in b["index"]}
     assert served == set(dm.selected_indices)
     rest = sorted(set(range(23)) - set(dm.selected_indices))
@@ -425,10 +442,20 @@ def test_datamodule_bad_arguments(tmp_path):
         DataWhispererDataModule(method="less")
     with pytest.raises(ValueError, match="num_selected"):
         DataWhispererDataModule(num_selected=0)
+    with pytest.raises(ValueError, match="n_demos.*settings of the scorer"):
+        DataWhispererDataModule(n_demos=5)  # moved to DataWhispererScorer: a message says where
     with pytest.raises(ValueError, match="n_demos"):
-        DataWhispererDataModule(n_demos=0)
+        DataWhispererScorer(n_demos=0)
+    with pytest.raises(ValueError, match="passes"):
+        DataWhispererScorer(passes=0)
     with pytest.raises(ValueError, match="icl_template"):
-        DataWhispererDataModule(icl_template={"demonstration": "no fields"})
+        DataWhispererScorer(icl_template={"demonstration": "no fields"})
+    with pytest.raises(ValueError, match="warmup_lr"):
+        EL2NScorer(warmup_lr=0)
+    with pytest.raises(ValueError, match="not both"):
+        DataWhispererDataModule(scorer=RandomScorer(), method="random")
+    with pytest.raises(TypeError, match="scorer"):
+        DataWhispererDataModule(scorer="random")
     with pytest.raises(ValueError, match="num_selected"):
         _dm(num_selected=50, method="random").setup("fit")
     empty = tmp_path / "empty.jsonl"
@@ -506,7 +533,7 @@ def test_el2n_and_grand_methods_select(monkeypatch):
         dm = _dm(method=method, ratio=0.25, warmup_steps=2, num_train=12)
         dm.setup("fit")
         assert len(dm.selected_indices) == 3
-        assert dm.selected_indices == top_k(dm.scores, 3) and float(dm.scores.min()) > 0
+        assert dm.selected_indices == top_k(dm.scores, 3, seed=dm.selection_seed) and float(dm.scores.min()) > 0
 
 
 def test_checkpoint_state_restores_the_subset():
@@ -536,7 +563,7 @@ def test_cli_fit_on_the_selected_subset(tmp_path, monkeypatch):
         "--data.init_args.num_train=30",
         "--data.init_args.num_val=4",
         "--data.init_args.num_test=4",
-        "--data.init_args.max_new_tokens=4",
+        "--data.init_args.scorer.init_args.max_new_tokens=4",
         "--data.init_args.full_finetune_seconds=10.0",
         f"--data.init_args.cache_dir={tmp_path / 'cache'}",
         "--data.init_args.progress=false",
@@ -546,7 +573,7 @@ def test_cli_fit_on_the_selected_subset(tmp_path, monkeypatch):
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
     ]
-    with pytest.warns(UserWarning, match="every score is 0"):
+    with pytest.warns(UserWarning, match="every Data Whisperer score is 0.*random draw"):
         cli = LightningEffCLI(args=args)
     dm = cli.datamodule
     assert isinstance(dm, DataWhispererDataModule) and len(dm.selected_indices) == 3
@@ -567,13 +594,13 @@ import lightning as L
 from lightning_eff.llm import CausalLMModule
 from lightning_eff.llm.metrics import extract_answer
 import lightning_eff.select.data_whisperer as dw
-from lightning_eff.select import DataWhispererDataModule
+from lightning_eff.select import DataWhispererDataModule, DataWhispererScorer, EL2NScorer
 
 model_dir, out_dir, method = sys.argv[1], sys.argv[2], sys.argv[3]
 real = dw.data_whisperer_scores
 
 def fake(model, tok, recs, *a, **kw):
-    gold = {r["question"]: extract_answer(r["answer"]) for r in recs}
+    gold = {r["question"]: extract_answer(r["answer"]) for r in list(recs) + list((a[0] if a else None) or [])}
     def predict(texts, ns):
         outs = []
         for t in texts:
@@ -584,8 +611,9 @@ def fake(model, tok, recs, *a, **kw):
     return real(model, tok, recs, *a, **kw)
 
 dw.data_whisperer_scores = fake
-dm = DataWhispererDataModule(method=method, ratio=0.25, scorer_model=model_dir, num_train=23, num_val=4, num_test=4,
-                             attention_layer=1, warmup_steps=2, seed=5, progress=False, batch_size=4)
+scorer = DataWhispererScorer(attention_layer=1) if method == "data_whisperer" else EL2NScorer(warmup_steps=2)
+dm = DataWhispererDataModule(scorer=scorer, ratio=0.25, scorer_model=model_dir, num_train=23, num_val=4, num_test=4,
+                             seed=5, progress=False, batch_size=4)
 module = CausalLMModule(model_dir, max_new_tokens=2, generate_eval=False)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -607,9 +635,9 @@ def test_ddp_two_processes_select_the_same_subset_as_one(tmp_path, tok, monkeypa
     build_causal_lm(TINY, tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     _stub_scores(monkeypatch, None)
-    single = DataWhispererDataModule(method=method, ratio=0.25, scorer_model=str(model_dir), num_train=23, num_val=4,
-                                     num_test=4, attention_layer=1, warmup_steps=2, seed=5, progress=False,
-                                     batch_size=4)  # fmt: skip
+    scorer = DataWhispererScorer(attention_layer=1) if method == "data_whisperer" else EL2NScorer(warmup_steps=2)
+    single = DataWhispererDataModule(scorer=scorer, ratio=0.25, scorer_model=str(model_dir), num_train=23, num_val=4,
+                                     num_test=4, seed=5, progress=False, batch_size=4)  # fmt: skip
     single.setup("fit")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,10 @@
 """Data selection for LLM fine-tuning: Data Whisperer and its baselines as a ``LightningDataModule``.
 
-* :class:`DataWhispererDataModule`: scores the training set in ``setup("fit")`` (Data Whisperer, random, EL2N,
-  GraNd), keeps the top ``ratio`` and serves only that subset; cached, DDP-sharded, exported as JSON.
+* :class:`DataWhispererDataModule`: scores the training set in ``setup("fit")`` with a :class:`Scorer` plug-in,
+  keeps the top ``ratio`` (seeded random tie-breaking) and serves only that subset; cached, DDP-reduced,
+  exported as JSON.
+* Scorers, chosen by ``class_path``: :class:`DataWhispererScorer`, :class:`RandomScorer`, :class:`EL2NScorer`,
+  :class:`GraNdScorer` (:mod:`lightning_eff.select.scorers`).
 * :func:`demonstration_weights`, :func:`layer_attention`, :func:`data_whisperer_scores`: the method's pure parts
   (:mod:`lightning_eff.select.data_whisperer`).
 * :func:`el2n_from_logits`, :func:`el2n_scores`, :func:`grand_scores`, :func:`random_scores`: baselines.
@@ -32,9 +35,27 @@ from lightning_eff.select.datamodule import (
     top_k,
 )
 from lightning_eff.select.prompts import ICLPrompt, ICLTemplate, build_icl_prompt
+from lightning_eff.select.scorers import (
+    SCORERS,
+    DataWhispererScorer,
+    EL2NScorer,
+    GraNdScorer,
+    RandomScorer,
+    Scorer,
+    ScoringContext,
+    scorer_from_method,
+)
 
 __all__ = [
+    "SCORERS",
     "DataWhispererDataModule",
+    "DataWhispererScorer",
+    "EL2NScorer",
+    "GraNdScorer",
+    "RandomScorer",
+    "Scorer",
+    "ScoringContext",
+    "scorer_from_method",
     "ICLPrompt",
     "ICLTemplate",
     "SelectionToTuningRatio",

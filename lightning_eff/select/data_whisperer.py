@@ -359,6 +359,7 @@ class PromptPlan:
     demos: tuple[int, ...]
     queries: tuple[int, ...]
     external_queries: bool = False
+    pass_index: int = 0
 
 
 def _kfold2(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -384,8 +385,13 @@ def plan_prompts(
     n_queries: int = 3,
     seed: int = 42,
     num_query_records: int | None = None,
+    passes: int = 1,
 ) -> list[PromptPlan]:
-    """The official prompt schedule (see the module docstring, steps 1-2).
+    """The official prompt schedule (see the module docstring, steps 1-2), repeated for ``passes`` assignments.
+
+    Pass 0 is the official schedule. Pass ``p >= 1`` (an extension: several prompt assignments averaged) first
+    permutes the training indices and the query indices with a generator seeded by ``(seed, p)``, so every
+    example is again a demonstration exactly once per pass, next to other demonstrations and queries.
 
     Example::
 
@@ -394,6 +400,9 @@ def plan_prompts(
         (6, True)
         >>> all(not set(p.demos) & set(p.queries) for p in plans)
         True
+        >>> two = plan_prompts(10, n_demos=2, n_queries=2, seed=0, passes=2)
+        >>> two[:6] == plans, sorted(i for p in two[6:] for i in p.demos) == list(range(10))
+        (True, True)
     """
     for name, value, low in (
         ("num_examples", num_examples, 1),
@@ -402,6 +411,8 @@ def plan_prompts(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"plan_prompts: `{name}` must be an int >= {low}, got {value!r}.")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"plan_prompts: `passes` must be an int >= 1, got {passes!r}.")
     if num_query_records is not None:
         if (
             isinstance(num_query_records, bool)
@@ -419,12 +430,17 @@ def plan_prompts(
             )
         folds = _kfold2(num_examples, seed)
     plans = []
-    for demo_pool, query_pool in folds:
-        demo_batches = [demo_pool[i : i + n_demos] for i in range(0, len(demo_pool), n_demos)]
-        query_batches = [query_pool[i : i + n_queries] for i in range(0, len(query_pool), n_queries)]
-        for b, demos in enumerate(demo_batches):
-            queries = query_batches[b % len(query_batches)]
-            plans.append(PromptPlan(tuple(demos), tuple(queries), num_query_records is not None))
+    for p in range(passes):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + p)
+        for demo_pool, query_pool in folds:
+            if p > 0:
+                demo_pool = [demo_pool[i] for i in torch.randperm(len(demo_pool), generator=g).tolist()]
+                query_pool = [query_pool[i] for i in torch.randperm(len(query_pool), generator=g).tolist()]
+            demo_batches = [demo_pool[i : i + n_demos] for i in range(0, len(demo_pool), n_demos)]
+            query_batches = [query_pool[i : i + n_queries] for i in range(0, len(query_pool), n_queries)]
+            for b, demos in enumerate(demo_batches):
+                queries = query_batches[b % len(query_batches)]
+                plans.append(PromptPlan(tuple(demos), tuple(queries), num_query_records is not None, p))
     return plans
 
 
@@ -555,9 +571,12 @@ def _generate(model: Any, tokenizer: Any, input_ids: Tensor, attention_mask: Ten
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class WhispererResult:
-    """Accumulated scores of a (shard of a) Data Whisperer run; ``scores = score_sum / count`` (0 where
-    ``count == 0``). ``query_score_sum / num_queries`` is the scorer's in-context accuracy on the queries of
-    the prompts that were not skipped."""
+    """Accumulated scores of a (shard of a) Data Whisperer run.
+
+    ``score_sum`` and ``count`` are ``[N]`` (one pass) or ``[passes, N]``; a pass's score is ``score_sum / count``
+    (0 where ``count == 0``) and :attr:`scores` averages the passes in which an example was scored.
+    ``query_score_sum / num_queries`` is the scorer's in-context accuracy on the queries of the prompts that
+    were not skipped; ``num_skipped / num_prompts`` is the share of prompts with too few parsed answers."""
 
     score_sum: Tensor
     count: Tensor
@@ -567,11 +586,55 @@ class WhispererResult:
     num_queries: int = 0
 
     @property
+    def pass_scores(self) -> Tensor:
+        """Per-pass scores ``[passes, N]``."""
+        s, c = self.score_sum.reshape(-1, self.score_sum.shape[-1]), self.count.reshape(-1, self.count.shape[-1])
+        return torch.where(c > 0, s / c.clamp(min=1), torch.zeros_like(s))
+
+    @property
     def scores(self) -> Tensor:
-        """Final per-example scores ``[N]``."""
-        return torch.where(
-            self.count > 0, self.score_sum / self.count.clamp(min=1), torch.zeros_like(self.score_sum)
-        )
+        """Final per-example scores ``[N]``: the mean over the passes that scored the example (0 if none did)."""
+        c = self.count.reshape(-1, self.count.shape[-1])
+        scored = (c > 0).to(self.score_sum.dtype)
+        n = scored.sum(0)
+        return torch.where(n > 0, (self.pass_scores * scored).sum(0) / n.clamp(min=1), torch.zeros_like(n))
+
+    def pass_agreement(self) -> float:
+        """Mean pairwise Spearman rank correlation between the passes' scores (NaN with one pass or constant scores).
+
+        Example::
+
+            >>> r = WhispererResult(torch.tensor([[1., 2., 3.], [1., 3., 2.]]), torch.ones(2, 3), 2, 0)
+            >>> round(r.pass_agreement(), 6)
+            0.5
+        """
+        scores = self.pass_scores
+        if scores.shape[0] < 2:
+            return float("nan")
+        ranks = torch.stack([_average_ranks(row) for row in scores])
+        corr = []
+        for i in range(len(ranks)):
+            for j in range(i + 1, len(ranks)):
+                a, b = ranks[i] - ranks[i].mean(), ranks[j] - ranks[j].mean()
+                denom = float(a.norm() * b.norm())
+                if denom > 0:
+                    corr.append(float((a * b).sum()) / denom)
+        return sum(corr) / len(corr) if corr else float("nan")
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """Ranks of ``x`` (0-based), ties sharing their mean rank (as ``scipy.stats.rankdata(method='average')``)."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    values = x[order]
+    out = ranks.clone()
+    start = 0
+    for i in range(1, len(x) + 1):
+        if i == len(x) or values[i] != values[start]:
+            out[order[start:i]] = ranks[order[start:i]].mean()
+            start = i
+    return out
 
 
 def data_whisperer_scores(
@@ -588,6 +651,7 @@ def data_whisperer_scores(
     prompt_batch_size: int = 4,
     max_new_tokens: int | None = None,
     seed: int = 42,
+    passes: int = 1,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -611,7 +675,8 @@ def data_whisperer_scores(
         prompt_batch_size: prompts per generation / re-run batch.
         max_new_tokens: generation budget per prompt (default: ``n_queries`` times the longest reference in
             tokens, plus 16 per answer).
-        seed: seed of the 2-fold split (official: 42).
+        seed: seed of the 2-fold split (official: 42) and of the shuffles of later passes.
+        passes: prompt assignments averaged (see :func:`plan_prompts`); the result holds one row per pass.
         rank: this process's rank.
         world_size: number of processes sharing the work.
         progress: show a progress bar (rank 0 only).
@@ -651,12 +716,12 @@ def data_whisperer_scores(
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos and template.instruction.startswith(bos))
     plans = plan_prompts(
-        len(records), n_demos, n_queries, seed, None if query_records is None else len(query_records)
+        len(records), n_demos, n_queries, seed, None if query_records is None else len(query_records), passes
     )
     mine = plans[rank::world_size]
     device = next(model.parameters()).device
-    score_sum = torch.zeros(len(records), dtype=torch.float64)
-    count = torch.zeros(len(records), dtype=torch.float64)
+    score_sum = torch.zeros(passes, len(records), dtype=torch.float64)
+    count = torch.zeros(passes, len(records), dtype=torch.float64)
     skipped = 0
     query_total, n_queries_scored = 0.0, 0
     old_side = tokenizer.padding_side
@@ -710,7 +775,7 @@ def data_whisperer_scores(
                     continue
                 demo_spans, (r0, r1) = spans[b]
                 w = demonstration_weights(attention[b], demo_spans, (r0 - (t - rows), r1 - (t - rows)))
-                accumulate_scores(score_sum, count, plan.demos, w, s)
+                accumulate_scores(score_sum[plan.pass_index], count[plan.pass_index], plan.demos, w, s)
                 query_total += float(sum(s))
                 n_queries_scored += len(s)
     finally:
@@ -719,4 +784,6 @@ def data_whisperer_scores(
         bar.close()
     if not math.isfinite(float(score_sum.sum())):
         raise FloatingPointError("data_whisperer_scores: a score is NaN or inf.")
+    if passes == 1:
+        score_sum, count = score_sum[0], count[0]
     return WhispererResult(score_sum, count, len(mine), skipped, query_total, n_queries_scored)

@@ -1,15 +1,17 @@
 """``DataWhispererDataModule``: an instruction DataModule that fine-tunes on a selected subset.
 
-In ``setup("fit")`` it scores every training example (Data Whisperer by default, or a baseline: random,
-EL2N, GraNd), keeps the top ``ratio`` (or ``num_selected``), and ``train_dataloader`` serves only that
-subset; validation and test data are untouched. See :mod:`lightning_eff.select.data_whisperer` for the
-method and the paper.
+In ``setup("fit")`` it scores every training example with a :class:`~lightning_eff.select.scorers.Scorer`
+plug-in (``DataWhispererScorer`` by default, or a baseline: ``RandomScorer``, ``EL2NScorer``, ``GraNdScorer``),
+keeps the top ``ratio`` (or ``num_selected``; ties broken at random with the selection seed), and
+``train_dataloader`` serves only that subset; validation and test data are untouched. See
+:mod:`lightning_eff.select.data_whisperer` for the method and the paper. The documented recipe takes the
+Data Whisperer queries from the clean validation split (``DataWhispererScorer(queries_from_val=True)``).
 
-* Scorer: the model being fine-tuned (the Trainer's :class:`~lightning_eff.llm.CausalLMModule`, at its
+* Scorer model: the model being fine-tuned (the Trainer's :class:`~lightning_eff.llm.CausalLMModule`, at its
   initial weights) by default, or ``scorer_model``: a local path (e.g. a smaller model of the same
   family, the paper's weak-to-strong setting) or a config dict.
-* Cache: with ``cache_dir``, the per-example scores are stored under a key of the method, the scorer
-  (weights fingerprint), the training data and every scoring setting, written atomically with a format
+* Cache: with ``cache_dir``, the per-example scores are stored under a key of the scorer class and its
+  settings (and the selection seed for a stochastic scorer), the scorer model (weights fingerprint), the training data and every scoring setting, written atomically with a format
   version; a rerun, a resumed run or a sweep over ``ratio`` reads them instead of scoring again. The
   selection is exported as JSON (``selection_path``, or next to the cache) and reads back with
   :func:`load_selection`.
@@ -41,8 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_eff.llm.data import InstructionDataModule
-from lightning_eff.llm.metrics import METRICS
-from lightning_eff.select.prompts import ICLTemplate
+from lightning_eff.select.scorers import Scorer, ScoringContext, scorer_from_method
 
 __all__ = [
     "DataWhispererDataModule",
@@ -55,19 +56,41 @@ __all__ = [
 ]
 
 METHODS = ("data_whisperer", "random", "el2n", "grand", "full")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Former DataModule arguments that are scorer settings now (a clear error names the new place).
+_SCORER_SETTINGS = frozenset({"n_demos", "n_queries", "attention_layer", "prompt_batch_size", "max_new_tokens", "metric",
+                              "fold_seed", "queries_from_val", "icl_template", "warmup_steps",
+                              "warmup_lr", "passes"})  # fmt: skip
 
 
-def top_k(scores: Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` highest scores, highest first; ties go to the lower index.
+def top_k(scores: Tensor, k: int, seed: int | None = None) -> list[int]:
+    """Indices of the ``k`` highest scores, highest first; ties are broken at random with ``seed``.
+
+    With ``seed=None`` ties go to the lower index (deterministic, but biased towards the start of the data when
+    many scores tie, e.g. the zeros of Data Whisperer prompts whose queries were all wrong).
 
     Example::
 
         >>> top_k(torch.tensor([0.1, 0.5, 0.5, 0.2]), 3)
         [1, 2, 3]
+        >>> sorted(top_k(torch.zeros(6), 3, seed=0)) != [0, 1, 2] or sorted(top_k(torch.zeros(6), 3, seed=1))
+        True
     """
-    order = torch.argsort(-scores.double(), stable=True)
-    return order[:k].tolist()
+    scores = scores.double()
+    if seed is None:
+        return torch.argsort(-scores, stable=True)[:k].tolist()
+    perm = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed))
+    order = torch.argsort(-scores[perm], stable=True)
+    return perm[order][:k].tolist()
+
+
+def _tied_at_cutoff(scores: Tensor, k: int) -> int:
+    """How many examples share the score of the k-th best (the ones the random tie-breaking chooses among)."""
+    if k >= len(scores):
+        return 0
+    kth = torch.sort(scores.double(), descending=True).values[k - 1]
+    tied = int((scores.double() == kth).sum())
+    return tied if tied > 1 else 0
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
@@ -138,28 +161,24 @@ def _records_fingerprint(records: Sequence[dict]) -> str:
 
 
 class DataWhispererDataModule(InstructionDataModule):
-    """Instruction data whose training split is reduced to the examples a selector scores highest.
+    """Instruction data whose training split is reduced to the examples a :class:`~lightning_eff.select.Scorer`
+    scores highest.
 
     Args:
-        method: ``"data_whisperer"``, ``"random"``, ``"el2n"``, ``"grand"`` or ``"full"`` (no selection).
+        scorer: the scorer (:class:`~lightning_eff.select.DataWhispererScorer`,
+            :class:`~lightning_eff.select.RandomScorer`, :class:`~lightning_eff.select.EL2NScorer`,
+            :class:`~lightning_eff.select.GraNdScorer` or your own), chosen by ``class_path`` in YAML; each carries
+            its own settings. Default: ``DataWhispererScorer()`` (clean queries from the validation split).
+        method: shorthand for a scorer with default settings: ``"data_whisperer"``, ``"random"``, ``"el2n"``,
+            ``"grand"``, or ``"full"`` (no selection). Give ``scorer`` or ``method``, not both.
         ratio: fraction of the training set to keep, in ``(0, 1]`` (``ceil(ratio * N)`` examples).
         num_selected: keep exactly this many instead (overrides ``ratio``).
         scorer_model: model that scores: ``None`` (the Trainer's CausalLMModule), a local path or a config dict.
         scorer_tokenizer: tokenizer of ``scorer_model`` (default: the model path, else the data tokenizer).
         scorer_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` for a loaded ``scorer_model``.
-        n_demos: demonstrations per prompt (paper: 5).
-        n_queries: queries per prompt (paper scripts: 3).
-        attention_layer: layer whose attention is read (default: per model family, as the official code).
-        prompt_batch_size: prompts per batched generation / attention re-run (left padding).
-        max_new_tokens: generation budget per prompt (default from the longest reference answer).
-        metric: ``"exact_match"`` or ``"rouge_l"`` for the query answers.
-        fold_seed: seed of the 2-fold demonstration/query split (official: 42).
-        queries_from_val: take the queries from the validation split instead of the 2-fold split.
-        icl_template: overrides of :class:`~lightning_eff.select.prompts.ICLTemplate` fields.
-        warmup_steps: fine-tuning steps before EL2N / GraNd scoring.
-        warmup_lr: AdamW learning rate of that warm-up.
-        selection_seed: seed of ``method="random"`` and of the warm-up's batch order (default: the seed given to
-            ``lightning.seed_everything``, read when selecting; 0 without one).
+        selection_seed: seed of the stochastic scorers (random, the EL2N/GraNd warm-up order) and of the random
+            tie-breaking of the top-k (default: the seed given to ``lightning.seed_everything``, read when
+            selecting; 0 without one).
         cache_dir: directory of the score cache (``None``: no cache).
         selection_path: where to export the selection as JSON (default: in ``cache_dir`` when set).
         full_finetune_seconds: measured time of fine-tuning on the full set, to log ``select/str``.
@@ -169,35 +188,29 @@ class DataWhispererDataModule(InstructionDataModule):
 
     Example::
 
+        >>> from lightning_eff.select import DataWhispererScorer
         >>> tiny = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
         ...         "num_attention_heads": 2}
-        >>> dm = DataWhispererDataModule(ratio=0.25, scorer_model=tiny, num_train=12, num_val=2, num_test=2,
-        ...                              max_new_tokens=4, progress=False)
+        >>> dm = DataWhispererDataModule(scorer=DataWhispererScorer(max_new_tokens=4), ratio=0.25, scorer_model=tiny,
+        ...                              num_train=12, num_val=2, num_test=2, progress=False)
         >>> _ = torch.manual_seed(0)
-        >>> dm.setup("fit")
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # an untrained scorer cannot answer: a warning says so
+        ...     dm.setup("fit")
         >>> len(dm.selected_indices), len(dm.train_dataloader().dataset)
         (3, 3)
     """
 
     def __init__(
         self,
-        method: str = "data_whisperer",
+        scorer: Scorer | None = None,
+        method: str | None = None,
         ratio: float = 0.1,
         num_selected: int | None = None,
         scorer_model: str | dict[str, Any] | None = None,
         scorer_tokenizer: str | None = None,
         scorer_dtype: str | None = None,
-        n_demos: int = 5,
-        n_queries: int = 3,
-        attention_layer: int | None = None,
-        prompt_batch_size: int = 4,
-        max_new_tokens: int | None = None,
-        metric: str = "exact_match",
-        fold_seed: int = 42,
-        queries_from_val: bool = False,
-        icl_template: dict[str, str] | None = None,
-        warmup_steps: int = 50,
-        warmup_lr: float = 1e-3,
         selection_seed: int | None = None,
         cache_dir: str | None = None,
         selection_path: str | None = None,
@@ -206,10 +219,23 @@ class DataWhispererDataModule(InstructionDataModule):
         progress: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         name = type(self).__name__
-        if method not in METHODS:
+        moved = sorted(set(kwargs) & _SCORER_SETTINGS)
+        if moved:
+            raise ValueError(
+                f"{name}: {moved} are settings of the scorer now, not of the DataModule: give them to the scorer, e.g. "
+                f"`scorer: {{class_path: lightning_eff.select.DataWhispererScorer, init_args: {{{moved[0]}: ...}}}}` "
+                f"(EL2NScorer / GraNdScorer take warmup_steps, warmup_lr)."
+            )
+        super().__init__(**kwargs)
+        if scorer is not None and method is not None:
+            raise ValueError(f"{name}: give `scorer` or `method`, not both (got {scorer!r} and {method!r}).")
+        if method is not None and method not in METHODS:
             raise ValueError(f"{name}: `method` must be one of {METHODS}, got {method!r}.")
+        if scorer is not None and not isinstance(scorer, Scorer):
+            raise TypeError(
+                f"{name}: `scorer` must be a lightning_eff.select.Scorer (e.g. DataWhispererScorer), got {scorer!r}."
+            )
         if (
             isinstance(ratio, bool)
             or not isinstance(ratio, (int, float))
@@ -235,29 +261,10 @@ class DataWhispererDataModule(InstructionDataModule):
             raise ValueError(
                 f"{name}: `scorer_dtype` must be one of {tuple(DTYPES)} or None, got {scorer_dtype!r}."
             )
-        for arg, value, low in (("n_demos", n_demos, 1), ("n_queries", n_queries, 1),
-                                ("prompt_batch_size", prompt_batch_size, 1), ("warmup_steps", warmup_steps, 0),
-                                ("fold_seed", fold_seed, 0)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: `{arg}` must be an int >= {low}, got {value!r}.")
         if selection_seed is not None and (
             isinstance(selection_seed, bool) or not isinstance(selection_seed, int) or selection_seed < 0
         ):
             raise ValueError(f"{name}: `selection_seed` must be None or an int >= 0, got {selection_seed!r}.")
-        if attention_layer is not None and (
-            isinstance(attention_layer, bool) or not isinstance(attention_layer, int) or attention_layer < 0
-        ):
-            raise ValueError(
-                f"{name}: `attention_layer` must be None or an int >= 0, got {attention_layer!r}."
-            )
-        if max_new_tokens is not None and (
-            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
-        ):
-            raise ValueError(f"{name}: `max_new_tokens` must be None or an int >= 1, got {max_new_tokens!r}.")
-        if metric not in METRICS:
-            raise ValueError(f"{name}: `metric` must be one of {tuple(METRICS)}, got {metric!r}.")
-        if isinstance(warmup_lr, bool) or not isinstance(warmup_lr, (int, float)) or not warmup_lr > 0:
-            raise ValueError(f"{name}: `warmup_lr` must be a positive float, got {warmup_lr!r}.")
         if full_finetune_seconds is not None and (
             isinstance(full_finetune_seconds, bool)
             or not isinstance(full_finetune_seconds, (int, float))
@@ -266,26 +273,18 @@ class DataWhispererDataModule(InstructionDataModule):
             raise ValueError(
                 f"{name}: `full_finetune_seconds` must be None or a positive float, got {full_finetune_seconds!r}."
             )
-        try:
-            self.template = ICLTemplate(**(icl_template or {}))
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"{name}: bad `icl_template` {icl_template!r} (keys must be ICLTemplate fields): {err}"
-            ) from err
-        self.method = method
+        if method == "full":
+            self.scorer: Scorer | None = None
+        elif scorer is not None:
+            self.scorer = scorer
+        else:
+            self.scorer = scorer_from_method(method or "data_whisperer")
+        self.method = "full" if self.scorer is None else self.scorer.name
         self.ratio = float(ratio)
         self.num_selected = num_selected
         self.scorer_model = os.fspath(scorer_model) if isinstance(scorer_model, os.PathLike) else scorer_model
         self.scorer_tokenizer = scorer_tokenizer
         self.scorer_dtype = scorer_dtype
-        self.n_demos, self.n_queries = n_demos, n_queries
-        self.attention_layer = attention_layer
-        self.prompt_batch_size = prompt_batch_size
-        self.max_new_tokens = max_new_tokens
-        self.metric = metric
-        self.fold_seed = fold_seed
-        self.queries_from_val = bool(queries_from_val)
-        self.warmup_steps, self.warmup_lr = warmup_steps, float(warmup_lr)
         self._selection_seed = selection_seed
         self.cache_dir = cache_dir
         self.selection_path = selection_path
@@ -376,31 +375,16 @@ class DataWhispererDataModule(InstructionDataModule):
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the scores (part of the cache key and of the export)."""
-        s: dict[str, Any] = {"method": self.method}
-        if self.method == "data_whisperer":
-            s.update(
-                n_demos=self.n_demos,
-                n_queries=self.n_queries,
-                attention_layer=self.attention_layer,
-                max_new_tokens=self.max_new_tokens,
-                metric=self.metric,
-                fold_seed=self.fold_seed,
-                queries_from_val=self.queries_from_val,
-                template=self.template.__dict__,
-            )
-        elif self.method in ("el2n", "grand"):
-            s.update(
-                warmup_steps=self.warmup_steps,
-                warmup_lr=self.warmup_lr,
-                selection_seed=self.selection_seed,
-                batch_size=self.batch_size,
-                prompt_template=self.prompt_template,
-                chat_template=self.chat_template,
-                max_length=self.max_length,
-            )
-        elif self.method == "random":
-            s.update(selection_seed=self.selection_seed)
-        return s
+        if self.scorer is None:
+            return {"method": "full"}
+        out = {"method": self.method, "scorer_class": f"{type(self.scorer).__module__}.{type(self.scorer).__qualname__}",
+               **self.scorer.settings()}  # fmt: skip
+        if self.scorer.uses_seed:
+            out["selection_seed"] = self.selection_seed
+        if self.scorer.needs_model:  # the training format the EL2N / GraNd losses and the collator use
+            out.update(batch_size=self.batch_size, prompt_template=self.prompt_template,
+                       chat_template=self.chat_template, max_length=self.max_length)  # fmt: skip
+        return out
 
     def _cache_key(self, model: Any, tokenizer: Any) -> str:
         records = self.train_records or []
@@ -408,7 +392,7 @@ class DataWhispererDataModule(InstructionDataModule):
             "format_version": FORMAT_VERSION,
             "settings": self.settings(),
             "data": _records_fingerprint(records),
-            "queries": _records_fingerprint(self.val_records or []) if self.queries_from_val else None,
+            "queries": _records_fingerprint(self.val_records or []) if self._uses_val_queries() else None,
         }
         if model is not None:
             payload["model"] = model_fingerprint(model)
@@ -440,80 +424,30 @@ class DataWhispererDataModule(InstructionDataModule):
         self.selection_stats.update({k: float(v) for k, v in data.get("stats", {}).items()})
         return torch.tensor(data["scores"], dtype=torch.float64), float(data.get("scoring_seconds", 0.0))
 
+    def _uses_val_queries(self) -> bool:
+        uses = getattr(self.scorer, "uses_queries", None)
+        return bool(uses(self.val_records)) if uses is not None else False
+
     def _compute_scores(self, model: Any, tokenizer: Any, rank: int, world: int, strategy: Any) -> Tensor:
-        records = self.train_records
-        assert records is not None
-        n = len(records)
+        assert self.scorer is not None and self.train_records is not None
         device = self._scoring_device()
-        if self.method == "random":
-            from lightning_eff.select.baselines import random_scores
-
-            return random_scores(n, self.selection_seed)
-        if self.method == "data_whisperer":
-            from lightning_eff.select.data_whisperer import data_whisperer_scores
-
-            result = data_whisperer_scores(
-                model,
-                tokenizer,
-                records,
-                self.val_records if self.queries_from_val else None,
-                n_demos=self.n_demos,
-                n_queries=self.n_queries,
-                layer=self.attention_layer,
-                template=self.template,
-                metric=self.metric,
-                prompt_batch_size=self.prompt_batch_size,
-                max_new_tokens=self.max_new_tokens,
-                seed=self.fold_seed,
-                rank=rank,
-                world_size=world,
-                progress=self.progress,
-            )
-            score_sum, count = (
-                self._reduce(result.score_sum, strategy, device),
-                self._reduce(result.count, strategy, device),
-            )
-            skipped = int(
-                self._reduce(torch.tensor([float(result.num_skipped)], dtype=torch.float64), strategy, device)
-            )
-            prompts = int(
-                self._reduce(torch.tensor([float(result.num_prompts)], dtype=torch.float64), strategy, device)
-            )
-            q_sum = float(
-                self._reduce(torch.tensor([result.query_score_sum], dtype=torch.float64), strategy, device)
-            )
-            q_num = float(
-                self._reduce(torch.tensor([float(result.num_queries)], dtype=torch.float64), strategy, device)
-            )
-            self.selection_stats["skipped_prompts"] = float(skipped)
-            self.selection_stats["prompts"] = float(prompts)
-            # in-context score of the scorer on all queries (a skipped prompt's queries count as 0)
-            n_all = q_num + skipped * self.n_queries
-            self.selection_stats["icl_score"] = q_sum / n_all if n_all else 0.0
-            if skipped == prompts:
-                rank_zero_warn(
-                    f"{type(self).__name__}: the scorer gave fewer parsable answers than queries in all {prompts} "
-                    f"prompts, so every score is 0 and the selection is the first examples; use a scorer that can "
-                    f"answer in context (a trained or instruction-tuned model) or raise `max_new_tokens`."
-                )
-            return torch.where(count > 0, score_sum / count.clamp(min=1), torch.zeros_like(score_sum))
-        # EL2N / GraNd: warm-up, then score this rank's share of the examples.
-        from lightning_eff.select.baselines import el2n_scores, grand_scores, warmup_finetune
-
-        tuned = warmup_finetune(
-            model, self.collator if tokenizer is self.tokenizer else self._collator_for(tokenizer), records,
-            steps=self.warmup_steps, lr=self.warmup_lr, batch_size=self.batch_size, seed=self.selection_seed,
-            progress=self.progress and rank == 0,
+        collator = None
+        if tokenizer is not None:
+            collator = self.collator if tokenizer is self.tokenizer else self._collator_for(tokenizer)
+        ctx = ScoringContext(
+            records=self.train_records, query_records=self.val_records or None, model=model, tokenizer=tokenizer,
+            collator=collator, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+            seed=self.selection_seed, rank=rank, world_size=world,
+            reduce=lambda t: self._reduce(t, strategy, device), device=device, progress=self.progress,
+            stats=self.selection_stats, owner=type(self).__name__,
         )  # fmt: skip
-        mine = list(range(rank, n, world))
-        collator = self.collator if tokenizer is self.tokenizer else self._collator_for(tokenizer)
-        fn = el2n_scores if self.method == "el2n" else grand_scores
-        kwargs = {"batch_size": self.eval_batch_size} if self.method == "el2n" else {}
-        part = fn(tuned, collator, records, mine, progress=self.progress and rank == 0, **kwargs)
-        del tuned
-        full = torch.zeros(n, dtype=torch.float64)
-        full[mine] = part
-        return self._reduce(full, strategy, device)
+        scores = self.scorer.score(ctx)
+        if scores.shape != (len(self.train_records),):
+            raise ValueError(
+                f"{type(self).__name__}: {type(self.scorer).__name__}.score returned shape {tuple(scores.shape)}, "
+                f"expected ({len(self.train_records)},)."
+            )
+        return scores.to(torch.float64)
 
     def _collator_for(self, tokenizer: Any) -> Any:
         from lightning_eff.llm.data import InstructionCollator
@@ -540,12 +474,13 @@ class DataWhispererDataModule(InstructionDataModule):
         k = self.num_to_select(n)
         start = time.perf_counter()
         rank, world, strategy = self._dist()
-        if self.method == "full":
+        if self.scorer is None or k >= n:  # the full set: nothing to score
             self.scores = torch.zeros(n, dtype=torch.float64)
             self.selected_indices = list(range(n))
             self.selection_stats = {"seconds": 0.0, "scoring_seconds": 0.0, "num_selected": float(n)}
             return self.selected_indices
-        needs_model = self.method != "random"
+        assert self.scorer is not None
+        needs_model = self.scorer.needs_model
         model = tokenizer = None
         owned = False
         moved_from: torch.device | None = None
@@ -592,7 +527,9 @@ class DataWhispererDataModule(InstructionDataModule):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         self.scores = scores
-        self.selected_indices = top_k(scores, k)
+        self.selected_indices = top_k(scores, k, seed=self.selection_seed)
+        ties = _tied_at_cutoff(scores, k)
+        self.selection_stats["tied_at_cutoff"] = float(ties)
         seconds = time.perf_counter() - start
         self.selection_stats.update(
             {
