@@ -20,7 +20,8 @@ Protocol (printed at the start of every run):
    warm-up on light traffic, planner reset (brick 1), learning curve every ``--eval-every`` steps on the
    first ``--curve-episodes`` held-out seeds per scenario, then the full held-out suite, greedy and
    sampled. Checkpoints (with the replay) go to ``--work-dir``; rerunning the same command resumes
-   each unfinished part (finished parts are read back from ``<out>.partial.json``).
+   each unfinished part (finished parts are read back from ``<work-dir>/<out name>.partial.json``), and
+   ``--parts`` runs some parts only (e.g. the baselines and PPO while the agent code is still changing).
 
 Every evaluation also reports the fraction of steps spent on the policy's most frequent action
 (1.0: the policy has collapsed to a constant action).
@@ -532,7 +533,7 @@ def main() -> None:
     print("  driving score: CARLA leaderboard 2.0 penalties incl. min speed and scenario time-out (0.7 each); "
           "DS_lb1 = the 1.0 set")
 
-    partial_path = (args.out or str(Path(args.work_dir) / "rl.json")) + ".partial.json"
+    partial_path = str(Path(args.work_dir) / (Path(args.out or "rl.json").name + ".partial.json"))
     results: dict = {"args": vars(args)}
     if os.path.exists(partial_path):
         with open(partial_path) as f:
