@@ -81,3 +81,21 @@ def test_optimised_losses_equal_the_reference(unimix):
             assert err < 1e-4, (part, name, err)
     # the behaviour gradients reach the actor and the critic only
     assert {n.split(".")[0] for n in grads["new", "ac"]} == {"actor", "critic"}
+
+
+def test_imagine_last_starts_from_the_last_steps_of_each_sequence():
+    torch.manual_seed(0)
+    model = Think2Drive(**{**MODEL, "imagine_last": 2})
+    batch = _batch(b=3, t=6)
+    batch["terminal"][:, -1] = torch.tensor([1.0, 0.0, 1.0])
+    _, post, _ = model.world_model_loss(batch)
+    start, cont = model.imagination_starts(post, batch["terminal"])
+    assert start.deter.shape == (2 * 3, MODEL["deter"]) and cont.shape == (6,)
+    torch.testing.assert_close(start.deter, post.deter[-2:].flatten(0, 1))  # time-major: steps 4, 5 of b = 0, 1, 2
+    assert cont.tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert not start.deter.requires_grad
+    model.hparams.imagine_last = 0  # all steps
+    start, cont = model.imagination_starts(post, batch["terminal"])
+    assert start.deter.shape[0] == 18 and cont.shape == (18,)
+    with pytest.raises(ValueError, match="imagine_last must be an int >= 0"):
+        Think2Drive(**{**MODEL, "imagine_last": -1})

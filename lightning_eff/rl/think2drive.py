@@ -101,6 +101,9 @@ class Think2Drive(L.LightningModule):
         pred_scale, dyn_scale, rep_scale, free_bits: world-model loss weights and free nats.
         unimix: uniform mixture of every categorical.
         horizon: imagination horizon (>= 1). gamma, lambda_: discount and TD(lambda).
+        imagine_last: imagination starts from the posterior states of the last ``imagine_last`` steps of
+            each replayed sequence (DreamerV3's ``imag_last``; 0: all ``T`` steps, DreamerV3's default).
+            The actor-critic update costs about ``imagine_last / T`` of its cost with all starts.
         entropy_coef: actor entropy bonus. slow_critic_fraction: EMA step of the slow critic.
         slow_reg: weight of the critic's regulariser towards the slow critic.
         return_decay: EMA decay of the return percentiles.
@@ -141,6 +144,7 @@ class Think2Drive(L.LightningModule):
         free_bits: float = 1.0,
         unimix: float = 0.01,
         horizon: int = 15,
+        imagine_last: int = 0,
         gamma: float = 0.997,
         lambda_: float = 0.95,
         entropy_coef: float = 3e-4,
@@ -175,6 +179,7 @@ class Think2Drive(L.LightningModule):
             ("stoch_classes", stoch_classes, 2),
             ("bins", bins, 3),
             ("horizon", horizon, 1),
+            ("imagine_last", imagine_last, 0),
             ("planner_ratio_steps", planner_ratio_steps, 1),
             ("planner_reset_interval", planner_reset_interval, 0),
         ):
@@ -366,6 +371,18 @@ class Think2Drive(L.LightningModule):
             logits.append(step_logits)
         return torch.stack(feats), torch.stack(actions), torch.stack(logits)
 
+    def imagination_starts(self, post: RSSMState, terminal: Tensor) -> tuple[RSSMState, Tensor]:
+        """Detached starting states of imagination and their continuation flags, ``[K * B]`` each.
+
+        ``post`` holds the ``[T, B]`` posteriors of :meth:`world_model_loss`, ``terminal`` the batch's ``[B, T]``
+        flags; the starts are the last ``K = min(imagine_last or T, T)`` steps of every sequence.
+        """
+        steps = post.deter.shape[0]
+        k = min(self.hparams.imagine_last or steps, steps)
+        start = RSSMState(*(x[-k:].flatten(0, 1) for x in (post.deter, post.stoch, post.logits))).detach()
+        start_continue = 1.0 - terminal.transpose(0, 1)[-k:].flatten().float()
+        return start, start_continue
+
     def _critic_value(self, net: nn.Module, feat: Tensor) -> Tensor:
         return symexp(twohot_decode(net(feat).softmax(-1), self.bins))
 
@@ -454,8 +471,7 @@ class Think2Drive(L.LightningModule):
         # (their parameter sets are disjoint: the behaviour losses see detached latent states), then
         # each optimiser steps with its own clipping.
         wm_loss, post, metrics = self.world_model_loss(batch)
-        start = RSSMState(post.deter.flatten(0, 1), post.stoch.flatten(0, 1), post.logits.flatten(0, 1)).detach()
-        start_continue = 1.0 - batch["terminal"].transpose(0, 1).flatten().float()
+        start, start_continue = self.imagination_starts(post, batch["terminal"])
         self._planner_credit += self.planner_ratio()
         planner_now = self._planner_credit >= 1.0
         total = wm_loss
