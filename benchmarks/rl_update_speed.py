@@ -5,8 +5,8 @@ dense 128, 8 x 8 latents, 255 bins, horizon 15) trained by a Lightning ``Trainer
 three Adam optimisers, gradient clipping, logging on) on a fixed synthetic replay batch ``[16, 32]``
 (sparse binary BEV masks, a few terminations), 1 thread. One *update* is one ``training_step``: one
 world-model update plus ``planner_ratio`` actor-critic updates (1 and 4 are measured: the planner ratio
-rises from 1 to 4 in the small config). The "before" code is the package at ``--base`` (a git revision,
-extracted to a temporary folder), "after" the working tree. The two alternate in separate processes
+rises from 1 to 4 in the small config). The "before" code is the package at ``--base``, the "after" code the
+package at ``--after`` (git revisions, extracted to a temporary folder; ``--after tree``: the working tree). The two alternate in separate processes
 (``--rounds`` rounds, each timing ``--steps`` updates after ``--warmup``), so that the load of the
 machine hits both alike; reported: the median seconds per update of each side, the ratio of the medians
 and the ratio per round.
@@ -92,6 +92,7 @@ def worker(steps: int, warmup: int, ratio: float, seed: int, overrides: dict) ->
 
 
 def extract(base: str, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
     data = subprocess.run(["git", "archive", base, "lightning_eff"], cwd=ROOT, check=True, capture_output=True).stdout
     with tempfile.TemporaryFile() as f:
         f.write(data)
@@ -114,6 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true")
     p.add_argument("--base", default="07e3277", help="git revision of the 'before' code")
+    p.add_argument("--after", default="HEAD", help="git revision of the 'after' code ('tree': the working tree)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -127,16 +129,17 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.steps, args.warmup, args.ratio[0], args.seed, json.loads(args.overrides))))
         return
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "lightning_eff"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip())
+    rev = subprocess.run(["git", "rev-parse", "HEAD" if args.after == "tree" else args.after], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dirty = args.after == "tree" and bool(subprocess.run(["git", "status", "--porcelain", "lightning_eff"], cwd=ROOT,
+                                                         capture_output=True, text=True).stdout.strip())
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    sides = {"before": (None, {}), "after": (ROOT, {})}
+    sides = {"before": ("before", {}), "after": ("after", {})}
     if args.after_model:
-        sides["after_model"] = (ROOT, json.loads(args.after_model))
+        sides["after_model"] = ("after", json.loads(args.after_model))
     print(f"protocol: small config {SMALL}, batch [16, 32], 1 thread, {args.rounds} interleaved rounds x "
           f"{args.steps} timed updates (after {args.warmup} warm-up) per side; before = {base[:10]}, after = "
-          f"working tree at {rev[:10]}{' (modified)' if dirty else ''}; sides {[(k, v[1]) for k, v in sides.items()]}")
+          f"{'working tree at ' if args.after == 'tree' else ''}{rev[:10]}{' (modified)' if dirty else ''}; sides {[(k, v[1]) for k, v in sides.items()]}")
     print("Primary figure: CPU time of the (single-threaded) training process per update (time.process_time), "
           "less sensitive than wall time to the other jobs on this shared machine; wall time is reported too.")
     result = {"protocol": {"model": SMALL, "batch": [16, 32], "threads": 1, "rounds": args.rounds,
@@ -149,15 +152,17 @@ def main() -> None:
                                     "Lightning callback on_train_batch_start/end; cpu = time.process_time"},
               "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        before_dir = Path(tmp)
-        extract(base, before_dir)
+        dirs = {"before": Path(tmp) / "before", "after": ROOT if args.after == "tree" else Path(tmp) / "after"}
+        extract(base, dirs["before"])
+        if args.after != "tree":
+            extract(rev, dirs["after"])
         for ratio in args.ratio:
             rows = {k: {"cpu": [], "wall": []} for k in sides}
             for r in range(args.rounds):
                 order = list(sides) if r % 2 == 0 else list(sides)[::-1]
                 for side in order:
                     path, overrides = sides[side]
-                    res = run_side(path or before_dir, args.steps, args.warmup, ratio, overrides)
+                    res = run_side(dirs[path], args.steps, args.warmup, ratio, overrides)
                     rows[side]["cpu"].append(statistics.median(res["cpu"]))
                     rows[side]["wall"].append(statistics.median(res["times"]))
                 print(f"ratio {ratio:g} round {r}: " + ", ".join(
