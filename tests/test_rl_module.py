@@ -197,7 +197,7 @@ if __name__ == "__main__":
     L.seed_everything(0)
     dm = DrivingDataModule(scenarios=["highway_easy", "merge"], bev_size=16, resolution=4.0, num_envs=1,
                            parallel=False, batch_size=2, sequence_length=4, train_ratio=8.0, replay_capacity=512,
-                           prefill_steps=8, termination_window=8, env_steps_per_epoch=24,
+                           prefill_steps=8, env_steps_per_epoch=24,
                            val_episodes_per_scenario=1)
     model = Think2Drive(bev_size=16, deter=16, units=16, mlp_layers=1, cnn_depth=4, stoch_groups=2,
                         stoch_classes=4, bins=15, horizon=3, planner_ratio_end=float(sys.argv[2]),
