@@ -21,7 +21,8 @@ Protocol (printed at the start of every run):
    first ``--curve-episodes`` held-out seeds per scenario, then the full held-out suite, greedy and
    sampled. Checkpoints (with the replay) go to ``--work-dir``; rerunning the same command resumes
    each unfinished part (finished parts are read back from ``<work-dir>/<out name>.partial.json``), and
-   ``--parts`` runs some parts only (e.g. the baselines and PPO while the agent code is still changing).
+   ``--parts`` runs some parts only (e.g. the baselines and PPO while the agent code is still changing);
+   parts run in parallel processes need their own ``--work-dir``, and ``--merge-partials`` gathers them.
 
 Every evaluation also reports the fraction of steps spent on the policy's most frequent action
 (1.0: the policy has collapsed to a constant action).
@@ -511,6 +512,8 @@ def main() -> None:
     p.add_argument("--work-dir", default="benchmarks/.rl_work", help="checkpoints (resume) and the final agent")
     p.add_argument("--agent-out", default=None, help="copy the final agent here if it is at most 10 MB")
     p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--merge-partials", nargs="*", default=[],
+                   help="partial JSONs of parts run in other processes (other --work-dir) to include")
     args = p.parse_args()
     if args.quick:
         args.env_steps, args.eval_every, args.eval_episodes, args.curve_episodes, args.val_episodes = 300, 150, 1, 1, 1
@@ -539,6 +542,14 @@ def main() -> None:
         with open(partial_path) as f:
             results = {**json.load(f), "args": vars(args)}
         print(f"  resuming: parts already in {partial_path}: {sorted(k for k in results if k != 'args')}")
+
+    for other in args.merge_partials:
+        with open(other) as f:
+            extra = json.load(f)
+        for key, value in extra.items():
+            if key != "args" and key not in results:
+                results[key] = value
+        print(f"  merged parts {sorted(k for k in extra if k != 'args')} from {other}")
 
     def save() -> None:
         os.makedirs(os.path.dirname(partial_path) or ".", exist_ok=True)
