@@ -451,19 +451,33 @@ def run_think2drive(args, state: dict, save) -> dict:
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Curve(), ckpt_cb],
     )
     last = work / "last.ckpt"
-    if last.exists():
-        print(f"  resuming Think2Drive from {last}", flush=True)
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
-    state["train_wall_s"] = time.perf_counter() - start
+    if args.evaluate_checkpoint:
+        # training stopped early (time budget): evaluate the last epoch's checkpoint as it is
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["state_dict"])
+        model.on_load_checkpoint(ckpt)
+        dm.load_state_dict(ckpt[type(dm).__qualname__])
+        state["stopped_early"] = True
+        print(f"  evaluating {last} ({dm.env_steps} env steps): training not finished", flush=True)
+    else:
+        if last.exists():
+            print(f"  resuming Think2Drive from {last}", flush=True)
+        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+        state["train_wall_s"] = time.perf_counter() - start
     state["env_steps"] = dm.env_steps
     state["wm_updates"] = model.wm_updates
     state["greedy"] = evaluate(eval_env, AgentPolicy(model, greedy=True), test)
     state["sampled"] = evaluate(eval_env, AgentPolicy(model, greedy=False), test)
     print(f"  T2D greedy  {_row(state['greedy'])}\n  T2D sampled {_row(state['sampled'])}", flush=True)
-    # the final agent, without the replay (weights, hyper-parameters and the data module's env kwargs)
-    dm.save_replay = False
+    # the final agent, without the replay (weights, hyper-parameters and the environment's keyword arguments)
     final = work / "think2drive_final.ckpt"
-    trainer.save_checkpoint(final, weights_only=True)
+    try:
+        from lightning_eff.rl.agent_io import save_agent
+    except ImportError:  # before agent_io: the parts of a Lightning checkpoint that load_agent reads
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                    "datamodule_hyper_parameters": dict(dm.hparams)}, final)
+    else:
+        save_agent(model, final, env_kwargs=dict(dm.env_kwargs), env_name=dm.env_name)
     state["final_ckpt"] = str(final)
     state["final_ckpt_mb"] = final.stat().st_size / 2**20
     if args.agent_out and state["final_ckpt_mb"] <= 10.0:
@@ -512,6 +526,8 @@ def main() -> None:
     p.add_argument("--work-dir", default="benchmarks/.rl_work", help="checkpoints (resume) and the final agent")
     p.add_argument("--agent-out", default=None, help="copy the final agent here if it is at most 10 MB")
     p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--evaluate-checkpoint", action="store_true",
+                   help="do not train: evaluate Think2Drive's last checkpoint (a run stopped by the time budget)")
     p.add_argument("--merge-partials", nargs="*", default=[],
                    help="partial JSONs of parts run in other processes (other --work-dir) to include")
     args = p.parse_args()
