@@ -121,8 +121,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ratio", type=float, nargs="+", default=[1.0, 4.0])
     p.add_argument("--overrides", default="{}", help="(worker) JSON model overrides")
-    p.add_argument("--after-model", default=None,
-                   help='JSON model overrides of a third side, "after_model" (the working tree with a changed size)')
+    p.add_argument("--after-model", nargs="*", default=[],
+                   help='JSON model overrides of further sides "after_model", "after_model2", ... (the after code with '
+                        'changed settings)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -135,8 +136,8 @@ def main() -> None:
                                                          capture_output=True, text=True).stdout.strip())
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     sides = {"before": ("before", {}), "after": ("after", {})}
-    if args.after_model:
-        sides["after_model"] = ("after", json.loads(args.after_model))
+    for i, overrides in enumerate(args.after_model):
+        sides["after_model" + (str(i + 1) if i else "")] = ("after", json.loads(overrides))
     print(f"protocol: small config {SMALL}, batch [16, 32], 1 thread, {args.rounds} interleaved rounds x "
           f"{args.steps} timed updates (after {args.warmup} warm-up) per side; before = {base[:10]}, after = "
           f"{'working tree at ' if args.after == 'tree' else ''}{rev[:10]}{' (modified)' if dirty else ''}; sides {[(k, v[1]) for k, v in sides.items()]}")
