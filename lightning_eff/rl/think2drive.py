@@ -460,6 +460,11 @@ class Think2Drive(L.LightningModule):
         if self._trainer is not None:
             for opt in self.optimizers()[1:]:
                 opt.optimizer.state.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank re-draws from its own RNG: take rank 0's draw so that the replicas stay equal
+            for net in (self.actor, self.critic, self.slow_critic):
+                for p in net.parameters():
+                    torch.distributed.broadcast(p.data, src=0)
         self.planner_resets += 1
 
     # -- training -------------------------------------------------------------------------------------
