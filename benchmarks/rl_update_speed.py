@@ -91,6 +91,33 @@ def worker(steps: int, warmup: int, ratio: float, seed: int, overrides: dict) ->
     return {"times": times[warmup:], "cpu": cpu[warmup:], "wm_updates": model.wm_updates, "planner_updates": model.planner_updates}
 
 
+def flops(overrides: dict, seed: int) -> dict:
+    """Matmul/convolution GFLOP of one world-model update and of one actor-critic update (forward + backward),
+    counted by ``torch.utils.flop_counter`` on the side's own code: independent of the machine's load."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    from lightning_eff.rl import Think2Drive
+    from lightning_eff.rl.dreamer import RSSMState
+
+    model = Think2Drive(**{**SMALL, **overrides})
+    batch = synthetic_batch()
+    with FlopCounterMode(display=False) as wm_count:
+        wm_loss, post, _ = model.world_model_loss(batch)
+        wm_loss.backward()
+    if hasattr(model, "imagination_starts"):
+        start, cont = model.imagination_starts(post, batch["terminal"])
+    else:  # before imagine_last: every step of the batch
+        start = RSSMState(post.deter.flatten(0, 1), post.stoch.flatten(0, 1), post.logits.flatten(0, 1)).detach()
+        cont = 1.0 - batch["terminal"].transpose(0, 1).flatten()
+    with FlopCounterMode(display=False) as ac_count:
+        actor_loss, critic_loss, _ = model.behaviour_losses(start, cont)
+        (actor_loss + critic_loss).backward()
+    return {"world_model_gflop": wm_count.get_total_flops() / 1e9, "actor_critic_gflop": ac_count.get_total_flops() / 1e9}
+
+
 def extract(base: str, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     data = subprocess.run(["git", "archive", base, "lightning_eff"], cwd=ROOT, check=True, capture_output=True).stdout
@@ -101,10 +128,10 @@ def extract(base: str, dest: Path) -> None:
             tar.extractall(dest, filter="data")
 
 
-def run_side(path: Path, steps: int, warmup: int, ratio: float, overrides: dict) -> dict:
+def run_side(path: Path, steps: int, warmup: int, ratio: float, overrides: dict, count: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, __file__, "--worker", "--steps", str(steps), "--warmup", str(warmup), "--ratio", str(ratio),
-           "--overrides", json.dumps(overrides)]
+           "--overrides", json.dumps(overrides)] + (["--flops"] if count else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=path)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -121,11 +148,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ratio", type=float, nargs="+", default=[1.0, 4.0])
     p.add_argument("--overrides", default="{}", help="(worker) JSON model overrides")
-    p.add_argument("--after-model", default=None,
-                   help='JSON model overrides of a third side, "after_model" (the working tree with a changed size)')
+    p.add_argument("--after-model", nargs="*", default=[],
+                   help='JSON model overrides of further sides "after_model", "after_model2", ... (the after code with '
+                        'changed settings)')
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flops", action="store_true", help="(worker) count FLOPs instead of timing")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.worker and args.flops:
+        print(json.dumps(flops(json.loads(args.overrides), args.seed)))
+        return
     if args.worker:
         print(json.dumps(worker(args.steps, args.warmup, args.ratio[0], args.seed, json.loads(args.overrides))))
         return
@@ -135,8 +167,8 @@ def main() -> None:
                                                          capture_output=True, text=True).stdout.strip())
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     sides = {"before": ("before", {}), "after": ("after", {})}
-    if args.after_model:
-        sides["after_model"] = ("after", json.loads(args.after_model))
+    for i, overrides in enumerate(args.after_model):
+        sides["after_model" + (str(i + 1) if i else "")] = ("after", json.loads(overrides))
     print(f"protocol: small config {SMALL}, batch [16, 32], 1 thread, {args.rounds} interleaved rounds x "
           f"{args.steps} timed updates (after {args.warmup} warm-up) per side; before = {base[:10]}, after = "
           f"{'working tree at ' if args.after == 'tree' else ''}{rev[:10]}{' (modified)' if dirty else ''}; sides {[(k, v[1]) for k, v in sides.items()]}")
@@ -156,6 +188,14 @@ def main() -> None:
         extract(base, dirs["before"])
         if args.after != "tree":
             extract(rev, dirs["after"])
+        result["flops"] = {}
+        for side, (path, overrides) in sides.items():
+            result["flops"][side] = run_side(dirs[path], 0, 0, 1.0, overrides, count=True)
+        for side, f in result["flops"].items():
+            for r in args.ratio:
+                f[f"gflop_per_update_ratio_{r:g}"] = f["world_model_gflop"] + r * f["actor_critic_gflop"]
+            print(f"{side}: world model {f['world_model_gflop']:.2f} GFLOP, actor-critic {f['actor_critic_gflop']:.2f} "
+                  f"GFLOP per update (matmul + conv, forward + backward)", flush=True)
         for ratio in args.ratio:
             rows = {k: {"cpu": [], "wall": []} for k in sides}
             for r in range(args.rounds):

@@ -228,9 +228,9 @@ class Think2Drive(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        wm = torch.optim.Adam(self.world_model_parameters(), lr=h.world_model_lr, eps=h.adam_eps)
-        actor = torch.optim.Adam(self.actor.parameters(), lr=h.actor_lr, eps=h.adam_eps)
-        critic = torch.optim.Adam(self.critic.parameters(), lr=h.critic_lr, eps=h.adam_eps)
+        wm = torch.optim.Adam(self.world_model_parameters(), lr=h.world_model_lr, eps=h.adam_eps, foreach=True)
+        actor = torch.optim.Adam(self.actor.parameters(), lr=h.actor_lr, eps=h.adam_eps, foreach=True)
+        critic = torch.optim.Adam(self.critic.parameters(), lr=h.critic_lr, eps=h.adam_eps, foreach=True)
         return [wm, actor, critic]
 
     # -- checks ---------------------------------------------------------------------------------------
@@ -460,6 +460,11 @@ class Think2Drive(L.LightningModule):
         if self._trainer is not None:
             for opt in self.optimizers()[1:]:
                 opt.optimizer.state.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank re-draws from its own RNG: take rank 0's draw so that the replicas stay equal
+            for net in (self.actor, self.critic, self.slow_critic):
+                for p in net.parameters():
+                    torch.distributed.broadcast(p.data, src=0)
         self.planner_resets += 1
 
     # -- training -------------------------------------------------------------------------------------
@@ -609,6 +614,14 @@ class Think2Drive(L.LightningModule):
         return path
 
     # -- checkpointing --------------------------------------------------------------------------------
+    def environment_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """``(env_name, env_kwargs)`` of the attached :class:`~lightning_eff.rl.DrivingDataModule` (``None`` if
+        there is none): what :func:`~lightning_eff.rl.load_agent` needs to rebuild the training environment."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "env_kwargs"):
+            return None
+        return str(getattr(dm, "env_name", "highway-bev")), dict(dm.env_kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["think2drive"] = {
             "format_version": FORMAT_VERSION,
@@ -617,6 +630,9 @@ class Think2Drive(L.LightningModule):
             "planner_resets": self.planner_resets,
             "planner_credit": self._planner_credit,
         }
+        spec = self.environment_spec()
+        if spec is not None:  # read by lightning_eff.rl.load_agent
+            checkpoint["think2drive"]["env_name"], checkpoint["think2drive"]["env_kwargs"] = spec
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("think2drive")
@@ -624,10 +640,10 @@ class Think2Drive(L.LightningModule):
             return
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"Think2Drive: unsupported checkpoint format {state.get('format_version')!r}.")
-        self.wm_updates = int(state["wm_updates"])
-        self.planner_updates = int(state["planner_updates"])
-        self.planner_resets = int(state["planner_resets"])
-        self._planner_credit = float(state["planner_credit"])
+        self.wm_updates = int(state.get("wm_updates", 0))
+        self.planner_updates = int(state.get("planner_updates", 0))
+        self.planner_resets = int(state.get("planner_resets", 0))
+        self._planner_credit = float(state.get("planner_credit", 0.0))
 
 
 class AgentPolicy(Policy):

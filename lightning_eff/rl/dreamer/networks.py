@@ -297,9 +297,11 @@ class RSSM(nn.Module):
         embed_proj = F.linear(embed, self._post_weights()[1])
         deters, stochs, post_logits = [], [], []
         deter, stoch = state.deter, state.stoch
+        resets = is_first.bool().any(-1).tolist()  # steps where some sequence starts an episode
         for t in range(steps):
-            k = keep[t]
-            deter, stoch = deter * k, stoch * k.unsqueeze(-1)
+            if resets[t]:
+                k = keep[t]
+                deter, stoch = deter * k, stoch * k.unsqueeze(-1)
             deter = self._recurrent(RSSMState(deter, stoch, stoch), action_proj[t])
             stoch, post = self._dist(self._posterior(deter, embed_proj[t]))
             deters.append(deter)
