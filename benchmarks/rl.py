@@ -444,7 +444,9 @@ def run_think2drive(args, state: dict, save) -> dict:
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             save()  # the curve rows are saved with each checkpoint
 
-    ckpt_cb = ModelCheckpoint(dirpath=work, filename="t2d-{epoch}", save_last=True, every_n_epochs=1, save_top_k=0)
+    # one file, overwritten at every epoch end (save_top_k=0 would write no per-epoch "last" checkpoint)
+    ckpt_cb = ModelCheckpoint(dirpath=work, filename="last", save_top_k=1, save_last=False, every_n_epochs=1,
+                              enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
         logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -495,7 +497,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", choices=["small", "paper"], default="small")
     p.add_argument("--parts", nargs="+", default=["updates", "baselines", "ppo", "think2drive"],
-                   choices=["updates", "baselines", "ppo", "think2drive"])
+                   choices=["updates", "baselines", "ppo", "think2drive", "report"],
+                   help="parts to run (report: none, only gather and print what the partial files hold)")
     p.add_argument("--env-steps", type=int, default=12_000, help="environment steps of Think2Drive and of PPO")
     p.add_argument("--eval-every", type=int, default=3_000)
     p.add_argument("--eval-episodes", type=int, default=20, help="held-out test episodes per scenario")
@@ -556,7 +559,8 @@ def main() -> None:
     results: dict = {"args": vars(args)}
     if os.path.exists(partial_path):
         with open(partial_path) as f:
-            results = {**json.load(f), "args": vars(args)}
+            saved = json.load(f)
+        results = {**saved, "args": vars(args), "args_of_saved_parts": saved.get("args")}
         print(f"  resuming: parts already in {partial_path}: {sorted(k for k in results if k != 'args')}")
 
     for other in args.merge_partials:
@@ -565,6 +569,7 @@ def main() -> None:
         for key, value in extra.items():
             if key != "args" and key not in results:
                 results[key] = value
+        results.setdefault("args_of_merged_parts", {})[other] = extra.get("args")
         print(f"  merged parts {sorted(k for k in extra if k != 'args')} from {other}")
 
     def save() -> None:
