@@ -620,8 +620,9 @@ def main() -> None:
         if table:
             tables[name] = table
     if tables:
-        print(f"\nheld-out driving ({args.eval_episodes} episodes per scenario; PPO and Think2Drive after "
-              f"{args.env_steps} env steps)")
+        steps = {k: results.get(k, {}).get("env_steps") for k in ("ppo", "think2drive")}
+        print(f"\nheld-out driving ({args.eval_episodes} episodes per scenario; env steps: PPO {steps['ppo']}, "
+              f"Think2Drive {steps['think2drive']})")
         print(f"  {'scenario':10s} {'policy':14s} {'DS':>6s} {'DS_lb1':>6s} {'RC':>6s} {'coll':>6s} {'off-route':>9s} "
               f"{'blocked':>8s} {'time-out':>8s} {'minspd':>6s} {'return':>8s}")
         for scenario in [*args.eval_scenarios, "all"]:
