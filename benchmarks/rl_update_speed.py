@@ -196,7 +196,17 @@ def main() -> None:
                 f[f"gflop_per_update_ratio_{r:g}"] = f["world_model_gflop"] + r * f["actor_critic_gflop"]
             print(f"{side}: world model {f['world_model_gflop']:.2f} GFLOP, actor-critic {f['actor_critic_gflop']:.2f} "
                   f"GFLOP per update (matmul + conv, forward + backward)", flush=True)
-        for ratio in args.ratio:
+        for side, f in result["flops"].items():
+            if side != "before":
+                for r in args.ratio:
+                    key = f"gflop_per_update_ratio_{r:g}"
+                    f[f"flop_reduction_ratio_{r:g}"] = result["flops"]["before"][key] / f[key]
+                    print(f"{side}: {result['flops']['before'][key]:.2f} -> {f[key]:.2f} GFLOP per update at planner "
+                          f"ratio {r:g} ({f[f'flop_reduction_ratio_{r:g}']:.2f}x fewer)")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        for ratio in args.ratio if args.rounds > 0 else []:  # --rounds 0: FLOP counts only
             rows = {k: {"cpu": [], "wall": []} for k in sides}
             for r in range(args.rounds):
                 order = list(sides) if r % 2 == 0 else list(sides)[::-1]

@@ -32,6 +32,11 @@ Departures:
 * Think2Drive's BEV is 128x128x34 in CARLA; on highway-env there are no lights, signs or walkers, so
   the stack has 10 channels (see :class:`~lightning_eff.rl.envs.BEVRasterizer`).
 * The GRU is ``torch.nn.GRUCell`` followed by LayerNorm (DreamerV3 uses its own normalised GRU).
+
+Cost (``docs/methods/think2drive_agent.md``, ``benchmarks/rl_update_speed.py``): the actor-critic update
+dominates (15 imagined steps from every posterior state of the batch, 255-bin heads on all imagined
+states). ``imagine_last`` (DreamerV3's ``imag_last``) starts imagination from the last ``K`` steps of each
+sequence only, and fewer ``bins`` shrink the heads; both default to DreamerV3's choice (all steps, 255).
 """
 
 from __future__ import annotations
