@@ -136,7 +136,12 @@ def paper_model_kwargs(bev_size: int) -> dict:
 
 
 def model_kwargs(args) -> dict:
-    return (paper_model_kwargs if args.model == "paper" else small_model_kwargs)(args.bev_size)
+    kw = (paper_model_kwargs if args.model == "paper" else small_model_kwargs)(args.bev_size)
+    if args.bins:
+        kw["bins"] = args.bins
+    if args.imagine_last:
+        kw["imagine_last"] = args.imagine_last
+    return kw
 
 
 # The update-speed probe runs in a fresh process on a given code root (before/after the speed work), so
@@ -415,7 +420,8 @@ def run_think2drive(args, state: dict, save) -> dict:
         scenarios=args.train_scenarios, eval_scenarios=args.eval_scenarios, bev_size=args.bev_size,
         resolution=args.resolution, env_kwargs={"ego_row": args.ego_row}, num_envs=args.num_envs,
         parallel=args.num_envs > 1, batch_size=args.batch_size, sequence_length=args.sequence_length,
-        train_ratio=args.train_ratio, replay_capacity=max(args.env_steps + 1000, 4096), prefill_steps=args.prefill,
+        train_ratio=args.train_ratio, replay_capacity=args.replay_capacity or max(args.env_steps + 1000, 4096),
+        prefill_steps=args.prefill,
         termination_window=args.sequence_length, warmup_scenarios=["highway_easy"], warmup_steps=args.warmup,
         env_steps_per_epoch=steps_per_epoch, val_episodes_per_scenario=0, save_replay=True, seed=args.seed,
     )
@@ -496,6 +502,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run at tiny budgets")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", choices=["small", "paper"], default="small")
+    p.add_argument("--bins", type=int, default=0, help="two-hot bins (0: the model size's 255)")
+    p.add_argument("--imagine-last", type=int, default=0,
+                   help="imagination starts from the last K steps of each sequence (0: all, DreamerV3's default)")
     p.add_argument("--parts", nargs="+", default=["updates", "baselines", "ppo", "think2drive"],
                    choices=["updates", "baselines", "ppo", "think2drive", "report"],
                    help="parts to run (report: none, only gather and print what the partial files hold)")
@@ -514,6 +523,8 @@ def main() -> None:
     p.add_argument("--planner-reset-interval", type=int, default=-1,
                    help="world-model updates between planner resets (0: never; -1: one reset half-way)")
     p.add_argument("--prefill", type=int, default=1000)
+    p.add_argument("--replay-capacity", type=int, default=0,
+                   help="transitions kept (0: env steps + 1000); keep it when resuming with more --env-steps")
     p.add_argument("--warmup", type=int, default=2000)
     p.add_argument("--bev-size", type=int, default=32)
     p.add_argument("--resolution", type=float, default=3.0)
