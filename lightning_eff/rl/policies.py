@@ -73,7 +73,7 @@ class ConstantPolicy(Policy):
         >>> from lightning_eff.rl.envs import HighwayBEVEnv
         >>> env = HighwayBEVEnv("highway_easy", bev_size=16, resolution=4.0)
         >>> rec = run_episode(env, ConstantPolicy(10), seed=0)  # brake gently, straight
-        >>> env.action_table[10].round(2).tolist(), rec["timeout"], rec["route_completion"] < 0.3
+        >>> [round(float(x), 2) for x in env.action_table[10]], rec["timeout"], rec["route_completion"] < 0.3
         ([-0.4, 0.0], 1.0, True)
     """
 
