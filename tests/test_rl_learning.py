@@ -1,11 +1,13 @@
 """Think2Drive's actor-critic improves a policy: on the tiny corridor (``TinyCorridorEnv``: same observation and
 action-table interface as ``HighwayBEVEnv``), a short training run (2,000 environment steps, ~450 updates, about a
 minute of one CPU thread) drives far better than the random driver and than every constant action of the table,
-measured in the same test on held-out seeds.
+measured in the same test on held-out seeds. Measured here: greedy mean return 8.3 / 8.7 / 8.4 (seeds 0 / 1 / 2)
+against 0.34 for the random driver and 0.40 for the best constant action (a lane-and-speed-holding controller
+earns about 31); 52-59 s of training CPU time on a shared machine.
 
 The test fails when the actor-critic does not improve the policy; checked by mutation (``python
 tests/test_rl_learning.py flip_actor_sign`` / ``frozen_actor``: the actor loss with its sign flipped, or the actor
-never updated, leaves the agent at the level of the baselines).
+never updated, leaves the agent below the baselines: mean returns -3.3 and -4.1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from lightning_eff.rl import AgentPolicy, DrivingDataModule, Think2Drive
@@ -85,6 +88,7 @@ def train_and_evaluate(mutation: str | None = None, env_steps: int = 2000, seed:
     return {"agent": float(np.mean(returns)), "wm_updates": model.wm_updates, "train_cpu_s": train_cpu}
 
 
+@pytest.mark.timeout(1800)  # about a minute of CPU on an idle core; generous for a shared machine
 def test_think2drive_learns_the_tiny_corridor():
     base = baselines()
     assert base["random"] < 1.0 and base["best_constant"] < 1.5  # no cheap way to score
