@@ -197,7 +197,7 @@ if __name__ == "__main__":
     L.seed_everything(0)
     dm = DrivingDataModule(scenarios=["highway_easy", "merge"], bev_size=16, resolution=4.0, num_envs=1,
                            parallel=False, batch_size=2, sequence_length=4, train_ratio=8.0, replay_capacity=512,
-                           prefill_steps=8, termination_window=8, env_steps_per_epoch=24,
+                           prefill_steps=8, env_steps_per_epoch=24,
                            val_episodes_per_scenario=1)
     model = Think2Drive(bev_size=16, deter=16, units=16, mlp_layers=1, cnn_depth=4, stoch_groups=2,
                         stoch_classes=4, bins=15, horizon=3, planner_ratio_end=float(sys.argv[2]),
@@ -233,3 +233,39 @@ def test_ddp_two_cpu_processes(tmp_path, planner_ratio_end, strategy):
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
     assert "EPISODES 2" in proc.stdout  # one held-out episode per rank, gathered
+
+
+def test_planner_reset_during_training_on_schedule():
+    """Brick 1 inside the training loop: every ``planner_reset_interval`` world-model updates the actor, the critic
+    and their optimiser states start afresh while the world model and its optimiser carry on."""
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)
+    dm = DrivingDataModule(env_name="tiny-corridor", scenarios=["corridor"], bev_size=16, num_envs=1, parallel=False,
+                           batch_size=2, sequence_length=4, train_ratio=8.0, replay_capacity=256, prefill_steps=8,
+                           warmup_scenarios=[], env_steps_per_epoch=24, val_episodes_per_scenario=0)
+    model = Think2Drive(num_actions=9, bev_channels=3, bev_size=16, vec_dim=4, deter=16, units=16, mlp_layers=1,
+                        cnn_depth=4, stoch_groups=2, stoch_classes=4, bins=15, horizon=3, planner_reset_interval=2,
+                        rollout_images=False)
+    seen = []
+
+    class Check(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            wm_opt, actor_opt, critic_opt = (o.optimizer for o in module.optimizers())
+            just_reset = module.wm_updates % 2 == 0
+            seen.append((module.wm_updates, module.planner_resets, just_reset, len(actor_opt.state),
+                         len(critic_opt.state), len(wm_opt.state),
+                         bool(torch.all(module.critic[-1].weight == 0)), bool(module.return_norm.initialized)))
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Check()])
+    trainer.fit(model, datamodule=dm)
+    assert len(seen) >= 4
+    for wm_updates, resets, just_reset, actor_state, critic_state, wm_state, critic_zero, norm_init in seen:
+        assert resets == wm_updates // 2
+        assert wm_state > 0  # the world model's Adam moments are kept
+        if just_reset:
+            assert actor_state == critic_state == 0 and critic_zero and not norm_init
+        else:
+            assert actor_state > 0 and critic_state > 0 and not critic_zero and norm_init

@@ -24,22 +24,18 @@ def _fill(rb: TerminationPriorityReplay, env: int, episodes: list[tuple[int, boo
 
 
 def _window_starts(rb: TerminationPriorityReplay, seq: int) -> list[set[int]]:
-    """Brute force: absolute starts of sequences lying in a termination window, per environment."""
+    """Brute force: absolute starts of the sequences that end at a termination still in the buffer, per environment."""
     out = []
     for env in range(rb.num_envs):
-        starts = set()
         oldest = max(int(rb.count[env]) - rb.per_env, 0)
-        for e in rb.terminations[env]:
-            for s in range(max(e - rb.termination_window + 1, oldest), e - seq + 2):
-                starts.add(s)
-        out.append(starts)
+        out.append({e - seq + 1 for e in rb.terminations[env] if e - seq + 1 >= oldest})
     return out
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.2])
 def test_termination_windows_are_sampled_with_the_configured_probability(fraction):
-    seq, k = 6, 12
-    rb = TerminationPriorityReplay(2 * 400, 2, SHAPE, 2, termination_fraction=fraction, termination_window=k, seed=3)
+    seq = 6
+    rb = TerminationPriorityReplay(2 * 400, 2, SHAPE, 2, termination_fraction=fraction, seed=3)
     _fill(rb, 0, [(50, True), (30, False), (80, True), (40, False)])
     _fill(rb, 1, [(120, False), (25, True), (60, False)])
     windows = _window_starts(rb, seq)
@@ -62,7 +58,7 @@ def test_termination_windows_are_sampled_with_the_configured_probability(fractio
 
 
 def test_no_terminations_means_uniform():
-    rb = TerminationPriorityReplay(100, 1, SHAPE, 2, termination_fraction=1.0, termination_window=8, seed=0)
+    rb = TerminationPriorityReplay(100, 1, SHAPE, 2, termination_fraction=1.0, seed=0)
     _fill(rb, 0, [(40, False)])
     envs, starts, prio = rb.sample_indices(500, 5)
     assert not prio.any() and starts.min() >= 0 and starts.max() <= 35
@@ -70,7 +66,7 @@ def test_no_terminations_means_uniform():
 
 
 def test_ring_buffer_sequences_stay_in_time_order():
-    rb = TerminationPriorityReplay(2 * 50, 2, SHAPE, 2, termination_fraction=0.5, termination_window=10, seed=1)
+    rb = TerminationPriorityReplay(2 * 50, 2, SHAPE, 2, termination_fraction=0.5, termination_window=8, seed=1)
     _fill(rb, 0, [(37, True), (44, True), (23, False)])  # 104 rows into a ring of 50
     _fill(rb, 1, [(20, True)])
     assert len(rb) == 50 + 20
@@ -115,10 +111,45 @@ def test_bits_round_trip_and_checkpoint():
 def test_replay_bad_arguments():
     with pytest.raises(ValueError, match="termination_fraction must be in"):
         TerminationPriorityReplay(100, 1, SHAPE, 2, termination_fraction=1.5)
-    with pytest.raises(ValueError, match="termination_window must be an int >= 1"):
+    with pytest.raises(ValueError, match="termination_window must be None or an int >= 1"):
         TerminationPriorityReplay(100, 1, SHAPE, 2, termination_window=0)
     with pytest.raises(ValueError, match="capacity"):
         TerminationPriorityReplay(3, 2, SHAPE, 2)
     rb = TerminationPriorityReplay(100, 1, SHAPE, 2)
     with pytest.raises(RuntimeError, match="no environment has 4 rows"):
         rb.sample(2, 4)
+
+
+def test_termination_window_defaults_to_the_sequence_length_and_sequences_hold_the_terminal_step():
+    """Every priority sequence holds its episode's terminal step (as its last row), for the default window and any
+    window up to the sequence length; the data module's default window is its sequence length."""
+    for window in (None, 5, 9):
+        rb = TerminationPriorityReplay(2 * 300, 2, SHAPE, 2, termination_fraction=1.0, termination_window=window, seed=4)
+        _fill(rb, 0, [(40, True), (25, False), (33, True)])
+        _fill(rb, 1, [(50, False), (12, True), (30, False)])
+        assert rb.termination_window == window
+        batch = rb.sample(400, 9)
+        prio = batch["from_termination"]
+        assert prio.all()
+        assert torch.all(batch["terminal"][:, -1] == 1) and torch.all(batch["terminal"][:, :-1].sum(1) == 0)
+        ends = {(int(e), int(r)) for e, r in zip(batch["vec"][:, -1, 1], batch["vec"][:, -1, 0])}
+        assert ends == {(0, 39), (0, 97), (1, 61)}  # all three terminations, each as the last row
+
+    from lightning_eff.rl.data import DrivingDataModule
+
+    pytest.importorskip("highway_env")
+    assert DrivingDataModule(scenarios=["merge"], sequence_length=24).termination_window == 24
+    assert DrivingDataModule(scenarios=["merge"], sequence_length=24, termination_window=16).termination_window == 16
+
+
+def test_termination_window_longer_than_the_sequence_is_an_error():
+    rb = TerminationPriorityReplay(100, 1, SHAPE, 2, termination_window=12, seed=0)
+    _fill(rb, 0, [(40, True)])
+    rb.sample(2, 12)  # equal: fine
+    with pytest.raises(ValueError, match="termination_window=12 is longer than the sequence length 8"):
+        rb.sample(2, 8)
+    from lightning_eff.rl.data import DrivingDataModule
+
+    pytest.importorskip("highway_env")
+    with pytest.raises(ValueError, match="termination_window=64 is longer than sequence_length=32"):
+        DrivingDataModule(scenarios=["merge"], sequence_length=32, termination_window=64)

@@ -1,6 +1,8 @@
 """Think2Drive: Dreamer-style world-model reinforcement learning for driving.
 
 * :class:`Think2Drive`: the ``LightningModule`` (world model, actor, critic; manual optimisation).
+* :func:`load_agent` / :func:`save_agent`: a trained agent as a greedy policy plus the keyword arguments of
+  the environment it was trained in.
 * :class:`DrivingDataModule`: vectorised environments inside Lightning's loop, termination-priority
   replay, the held-out evaluation suite.
 * :mod:`lightning_eff.rl.envs`: the driving-environment interface, the BEV rasteriser and
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 
+from lightning_eff.rl.agent_io import load_agent, save_agent
 from lightning_eff.rl.data import DrivingDataModule, ExperienceStream
 from lightning_eff.rl.dreamer import lambda_returns, symexp, symlog, twohot_decode, twohot_encode
 from lightning_eff.rl.metrics import CARLA_PENALTIES, driving_score
@@ -33,6 +36,8 @@ _LAZY = {
 __all__ = [
     "Think2Drive",
     "AgentPolicy",
+    "load_agent",
+    "save_agent",
     "DrivingDataModule",
     "ExperienceStream",
     "TerminationPriorityReplay",

@@ -102,7 +102,9 @@ class DrivingDataModule(L.LightningDataModule):
         train_ratio: replayed steps per environment step.
         replay_capacity: replay rows (per rank).
         prefill_steps: random-action environment steps before training starts.
-        termination_fraction, termination_window: termination-priority replay (``p``, ``k``).
+        termination_fraction, termination_window: termination-priority replay (``p``, ``k``); the window
+            defaults to ``sequence_length`` (a priority sequence ends at the terminal step) and may not
+            exceed it.
         warmup_scenarios, warmup_steps: the warm-up curriculum (0 steps: off).
         env_steps_per_epoch: environment steps per training epoch.
         val_episodes_per_scenario, test_episodes_per_scenario: size of the held-out suite.
@@ -133,7 +135,7 @@ class DrivingDataModule(L.LightningDataModule):
         replay_capacity: int = 100_000,
         prefill_steps: int = 2_500,
         termination_fraction: float = 0.5,
-        termination_window: int = 64,
+        termination_window: int | None = None,
         warmup_scenarios: Sequence[str] = ("highway_easy",),
         warmup_steps: int = 0,
         env_steps_per_epoch: int = 10_000,
@@ -161,6 +163,14 @@ class DrivingDataModule(L.LightningDataModule):
         for name in ("prefill_steps", "warmup_steps", "val_episodes_per_scenario", "test_episodes_per_scenario"):
             _check_int(name, locals()[name], 0)
         _check_int("replay_capacity", replay_capacity, 2 * num_envs * sequence_length)
+        if termination_window is not None:
+            _check_int("termination_window", termination_window, 1)
+            if termination_window > sequence_length:
+                raise ValueError(
+                    f"DrivingDataModule: termination_window={termination_window} is longer than sequence_length="
+                    f"{sequence_length}: most termination-priority sequences would miss the terminal step; set "
+                    f"termination_window <= {sequence_length} or leave it unset (= sequence_length)."
+                )
         if isinstance(train_ratio, bool) or not isinstance(train_ratio, (int, float)) or train_ratio <= 0:
             raise ValueError(f"DrivingDataModule: train_ratio must be a positive number, got {train_ratio!r}.")
         self.save_hyperparameters()
@@ -172,7 +182,8 @@ class DrivingDataModule(L.LightningDataModule):
         self.batch_size, self.sequence_length = batch_size, sequence_length
         self.train_ratio = float(train_ratio)
         self.replay_capacity, self.prefill_steps = replay_capacity, prefill_steps
-        self.termination_fraction, self.termination_window = termination_fraction, termination_window
+        self.termination_fraction = termination_fraction
+        self.termination_window = sequence_length if termination_window is None else termination_window
         self.warmup_scenarios, self.warmup_steps = list(warmup_scenarios), warmup_steps
         self.env_steps_per_epoch = env_steps_per_epoch
         self.val_episodes_per_scenario = val_episodes_per_scenario

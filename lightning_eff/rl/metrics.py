@@ -7,19 +7,24 @@
   infraction, ``WDS = RC * prod_j p_j ** (n_j / density)``, with ``density`` the route's scenario
   density (``density = 1``: WDS = DS).
 
-The default penalties are the leaderboard's (:data:`CARLA_PENALTIES`). Leaving the route, being
-blocked and running out of time are not multiplied in: they end the route, and route completion
-already accounts for them (as on the leaderboard).
+The default penalties are leaderboard 2.0's (:data:`CARLA_PENALTIES`), including its two
+time-related ones: a *scenario time-out* (0.7 per count) and the *failure to keep a minimum speed*,
+a percentage-type penalty (scenario_runner's ``MinimumSpeedRouteTest``; leaderboard
+``statistics_manager``): each route checkpoint where the ego's mean speed was ``q`` % of the
+traffic's (``q < 100``) multiplies the score by ``1 - (1 - 0.7) (1 - q / 100)``. Pass
+``penalties=LEADERBOARD_1_PENALTIES`` for the 1.0 set, which has neither (both factors 1.0). Leaving
+the route, being blocked without a scenario time-out and running out of route time are not
+multiplied in: they end the route, and route completion accounts for them (as on the leaderboard).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["CARLA_PENALTIES", "driving_score"]
+__all__ = ["CARLA_PENALTIES", "LEADERBOARD_1_PENALTIES", "driving_score"]
 
 #: Penalty factor per infraction (CARLA leaderboard 2.0).
 CARLA_PENALTIES: dict[str, float] = {
@@ -33,12 +38,21 @@ CARLA_PENALTIES: dict[str, float] = {
     "min_speed": 0.7,
 }
 
+#: The leaderboard 1.0 set: the same collision / red-light / stop-sign factors, no time-related penalty.
+LEADERBOARD_1_PENALTIES: dict[str, float] = {
+    **CARLA_PENALTIES,
+    "scenario_timeout": 1.0,
+    "yield_emergency_vehicle": 1.0,
+    "min_speed": 1.0,
+}
+
 
 def driving_score(
     route_completion: float | Tensor,
     infractions: Mapping[str, float | Tensor] | None = None,
     penalties: Mapping[str, float] | None = None,
     scenario_density: float | Tensor | None = None,
+    min_speed_percentages: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Driving score of one route or of a batch of routes (not averaged).
 
@@ -48,6 +62,10 @@ def driving_score(
         penalties: kind -> factor in ``(0, 1]`` (default :data:`CARLA_PENALTIES`).
         scenario_density: if given (``> 0``, scalar or ``[N]``), counts are divided by it: the weighted
             driving score of Think2Drive.
+        min_speed_percentages: the route's minimum-speed infractions, each the ego's mean speed in % of
+            the traffic's at one checkpoint (a sequence for one route, or a ``[N, K]`` tensor padded with
+            NaN); each multiplies the score by ``1 - (1 - penalties["min_speed"]) (1 - q / 100)``
+            (leaderboard 2.0's percentage penalty). Not divided by the scenario density.
 
     Returns:
         A float64 tensor with the shape of the broadcast inputs (``[]`` or ``[N]``), in ``[0, 1]``.
@@ -60,6 +78,11 @@ def driving_score(
         [0.4225, 0.5]
         >>> round(float(driving_score(1.0, {"red_light": 2}, scenario_density=2.0)), 6)  # 0.7 ** (2 / 2)
         0.7
+        >>> round(float(driving_score(0.5, {"scenario_timeout": 1}, min_speed_percentages=[50.0])), 6)  # 0.5*0.7*0.85
+        0.2975
+        >>> float(driving_score(0.5, {"scenario_timeout": 1}, penalties=LEADERBOARD_1_PENALTIES,
+        ...                     min_speed_percentages=[50.0]))
+        0.5
     """
     penalties = dict(CARLA_PENALTIES if penalties is None else penalties)
     for kind, p in penalties.items():
@@ -86,4 +109,15 @@ def driving_score(
         if density is not None:
             n = n / density
         log_factor = log_factor + n * torch.log(torch.tensor(float(penalties[kind]), dtype=torch.float64))
+    if min_speed_percentages is not None and torch.as_tensor(min_speed_percentages).numel() > 0:
+        if "min_speed" not in penalties:
+            raise ValueError("driving_score: min_speed_percentages given but penalties has no 'min_speed' factor.")
+        q = torch.as_tensor(min_speed_percentages, dtype=torch.float64)
+        if q.ndim == 1 and rc.ndim == 1 and len(q) == len(rc) and len(rc) > 1:
+            raise ValueError("driving_score: for a batch of routes pass min_speed_percentages as [N, K] (NaN padded).")
+        valid = ~torch.isnan(q)
+        if torch.any((q[valid] < 0) | (q[valid] > 100)):
+            raise ValueError(f"driving_score: min_speed_percentages must lie in [0, 100], got {q.tolist()}.")
+        factor = 1.0 - (1.0 - float(penalties["min_speed"])) * (1.0 - torch.where(valid, q, 100.0) / 100.0)
+        log_factor = log_factor + torch.log(factor).sum(-1)
     return rc * torch.exp(log_factor)

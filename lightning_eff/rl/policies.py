@@ -1,6 +1,8 @@
 """Reference drivers and the evaluation loop shared by the agent, the baselines and the benchmark.
 
 * :class:`RandomPolicy`: uniform over the action table.
+* :class:`ConstantPolicy`: one action of the table at every step (the "best constant action" baseline
+  is the best of these on a validation suite).
 * :class:`IDMPolicy`: highway-env's rule-based driver (IDM car following + MOBIL lane changes + its
   lateral lane-keeping controller) driving the *ego* vehicle along our route. It is privileged (it
   reads the simulator, like the traffic it was written for) and drives with continuous commands by
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Policy", "RandomPolicy", "IDMPolicy", "run_episode", "evaluate_policy", "summarize"]
+__all__ = ["Policy", "RandomPolicy", "ConstantPolicy", "IDMPolicy", "run_episode", "evaluate_policy", "summarize"]
 
 
 class Policy:
@@ -58,6 +60,32 @@ class RandomPolicy(Policy):
 
     def act(self, obs: dict[str, np.ndarray], env: Any) -> int:
         return int(self.rng.integers(len(env.action_table)))
+
+
+class ConstantPolicy(Policy):
+    """The same action of the table at every step.
+
+    A policy that has collapsed to one action scores what the best of these scores; the benchmark
+    reports the best constant action (chosen on validation seeds) as a baseline.
+
+    Example::
+
+        >>> from lightning_eff.rl.envs import HighwayBEVEnv
+        >>> env = HighwayBEVEnv("highway_easy", bev_size=16, resolution=4.0)
+        >>> rec = run_episode(env, ConstantPolicy(10), seed=0)  # brake gently, straight
+        >>> [round(float(x), 2) for x in env.action_table[10]], rec["timeout"], rec["route_completion"] < 0.3
+        ([-0.4, 0.0], 1.0, True)
+    """
+
+    def __init__(self, action: int) -> None:
+        if isinstance(action, bool) or not isinstance(action, (int, np.integer)) or action < 0:
+            raise ValueError(f"ConstantPolicy: action must be a non-negative int index, got {action!r}.")
+        self.action = int(action)
+
+    def act(self, obs: dict[str, np.ndarray], env: Any) -> int:
+        if self.action >= len(env.action_table):
+            raise ValueError(f"ConstantPolicy: action {self.action} out of range [0, {len(env.action_table)}).")
+        return self.action
 
 
 class IDMPolicy(Policy):
@@ -146,13 +174,18 @@ def run_episode(
     seed: int | None = None,
     record_frames: bool = False,
     max_steps: int = 10_000,
+    penalties: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Drive one episode and return its record.
 
     Returns:
         ``scenario``, ``seed``, ``return``, ``length``, ``route_completion``, one count per infraction kind,
-        one flag per event kind, ``collision`` (any collision), ``driving_score`` and ``weighted_driving_score``;
-        with ``record_frames``, ``frames`` (the BEV stacks, ``uint8 [T, C, H, W]``).
+        one flag per event kind, ``collision`` (any collision), ``scenario_timeout`` (blocked: the
+        leaderboard 2.0 scenario time-out), ``min_speed_infractions`` and ``min_speed_percentages``
+        (:attr:`~lightning_eff.rl.envs.DrivingEnv.min_speed_percentages`), ``driving_score`` and
+        ``weighted_driving_score`` (leaderboard 2.0 penalties, or ``penalties``), ``driving_score_lb1``
+        (the 1.0 set: no time-related penalty); with ``record_frames``, ``frames`` (the BEV stacks,
+        ``uint8 [T, C, H, W]``).
 
     Example::
 
@@ -163,7 +196,7 @@ def run_episode(
         ((10, 16, 16), True)
     """
     from lightning_eff.rl.envs.base import EVENT_KINDS, INFRACTION_KINDS
-    from lightning_eff.rl.metrics import driving_score
+    from lightning_eff.rl.metrics import LEADERBOARD_1_PENALTIES, driving_score
 
     options = {"scenario": scenario} if scenario is not None else None
     obs, info = env.reset(seed=seed, options=options)
@@ -190,11 +223,18 @@ def run_episode(
     record.update({k: float(info[k]) for k in INFRACTION_KINDS})
     record.update({k: float(info[k]) for k in EVENT_KINDS})
     record["collision"] = float(any(info[k] > 0 for k in INFRACTION_KINDS if k.startswith("collision")))
+    record["scenario_timeout"] = float(info["timeout"])
+    min_speed = [float(q) for q in getattr(env.unwrapped, "min_speed_percentages", [])]
+    record["min_speed_infractions"] = float(len(min_speed))
+    record["min_speed_percentages"] = min_speed
     counts = {k: info[k] for k in INFRACTION_KINDS}
-    record["driving_score"] = float(driving_score(record["route_completion"], counts))
+    counts["scenario_timeout"] = record["scenario_timeout"]
+    rc = record["route_completion"]
+    record["driving_score"] = float(driving_score(rc, counts, penalties, min_speed_percentages=min_speed))
     record["weighted_driving_score"] = float(
-        driving_score(record["route_completion"], counts, scenario_density=info["scenario_density"])
+        driving_score(rc, counts, penalties, scenario_density=info["scenario_density"], min_speed_percentages=min_speed)
     )
+    record["driving_score_lb1"] = float(driving_score(rc, counts, LEADERBOARD_1_PENALTIES))
     if record_frames:
         record["frames"] = np.stack(frames)
     return record

@@ -5,6 +5,13 @@ are rare but decisive, so each training sequence is drawn, with probability ``p`
 from the last ``k`` steps (64 in the paper) before an episode's termination, and uniformly over the
 buffer otherwise.
 
+Here the unit of replay is a sequence of ``T`` steps, so a priority sequence is the ``T`` steps that end
+at the terminal step: the window ``k`` defaults to the sequence length (the paper's 64 steps are
+DreamerV3's sequence length, so the two agree there). A window longer than the sequence is an error:
+a sequence placed anywhere in it would usually miss the terminal step (with ``k = 64`` and ``T = 32``
+only 1 start in 33 contains it), which defeats the purpose of the priority. A shorter window gives the
+same sequences (those that end at the terminal step).
+
 Storage: one ring buffer per environment (so that a sequence never mixes two environments), binary
 BEV masks bit-packed (8x smaller), rows in Dreamer's convention: row ``t`` holds the observation
 ``o_t``, the action ``a_{t-1}`` that led to it (-1 at an episode's first row), the reward ``r_t``
@@ -36,7 +43,8 @@ class TerminationPriorityReplay:
         bev_shape: ``(C, H, W)`` of the binary BEV.
         vec_dim: size of the vector observation.
         termination_fraction: probability that a sequence is drawn from a termination window (``p``).
-        termination_window: steps before a termination that form its window (``k``).
+        termination_window: steps before a termination that form its window (``k``); ``None`` (default):
+            the sequence length of each :meth:`sample` call. Must not exceed the sequence length.
         seed: sampling seed.
 
     Example::
@@ -57,7 +65,7 @@ class TerminationPriorityReplay:
         bev_shape: tuple[int, int, int],
         vec_dim: int,
         termination_fraction: float = 0.5,
-        termination_window: int = 64,
+        termination_window: int | None = None,
         seed: int | None = None,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
@@ -70,9 +78,11 @@ class TerminationPriorityReplay:
             raise ValueError(
                 f"TerminationPriorityReplay: termination_fraction must be in [0, 1], got {termination_fraction!r}."
             )
-        if not isinstance(termination_window, int) or termination_window < 1:
+        if termination_window is not None and (
+            isinstance(termination_window, bool) or not isinstance(termination_window, int) or termination_window < 1
+        ):
             raise ValueError(
-                f"TerminationPriorityReplay: termination_window must be an int >= 1, got {termination_window!r}."
+                f"TerminationPriorityReplay: termination_window must be None or an int >= 1, got {termination_window!r}."
             )
         self.num_envs = num_envs
         self.per_env = capacity // num_envs
@@ -137,21 +147,27 @@ class TerminationPriorityReplay:
         """Number of valid uniform start rows per environment."""
         return np.maximum(np.minimum(self.count, self.per_env) - sequence_length + 1, 0)
 
-    def termination_start_range(self, env: int, end: int, sequence_length: int) -> tuple[int, int] | None:
-        """Inclusive range of absolute start rows of sequences inside the window of the termination at ``end``.
+    def check_window(self, sequence_length: int) -> None:
+        """Raise if the termination window is longer than ``sequence_length`` (see the module docstring)."""
+        k = self.termination_window
+        if k is not None and k > sequence_length:
+            raise ValueError(
+                f"TerminationPriorityReplay: termination_window={k} is longer than the sequence length "
+                f"{sequence_length}, so most termination-priority sequences would not contain the terminal step; "
+                f"set termination_window <= {sequence_length} or None (= the sequence length)."
+            )
 
-        The window is the ``k`` rows ending at the terminal row; a sequence longer than the window ends at
-        the terminal row. ``None`` if no such sequence is still in the buffer.
+    def termination_start_range(self, env: int, end: int, sequence_length: int) -> tuple[int, int] | None:
+        """Inclusive range of absolute start rows of priority sequences for the termination at ``end``.
+
+        With a window no longer than the sequence (enforced by :meth:`check_window`) this is the single
+        sequence that ends at the terminal row; ``None`` if it is no longer wholly in the buffer.
         """
-        k, length = self.termination_window, sequence_length
-        if k >= length:
-            lo, hi = end - k + 1, end - length + 1
-        else:
-            lo = hi = end - length + 1
-        lo = max(lo, self._oldest(env))
-        if hi < lo:
+        self.check_window(sequence_length)
+        start = end - sequence_length + 1
+        if start < self._oldest(env):
             return None
-        return lo, hi
+        return start, start
 
     def _uniform(self, sequence_length: int) -> tuple[int, int]:
         starts = self.uniform_starts(sequence_length)
@@ -177,6 +193,7 @@ class TerminationPriorityReplay:
 
     def sample_indices(self, batch_size: int, sequence_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(env [B], absolute start [B], from_termination [B] bool)`` of a batch of sequences."""
+        self.check_window(sequence_length)
         if not self.can_sample(sequence_length):
             raise RuntimeError(
                 f"TerminationPriorityReplay: no environment has {sequence_length} rows yet (rows: {self.count.tolist()})."

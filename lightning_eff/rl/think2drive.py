@@ -32,6 +32,11 @@ Departures:
 * Think2Drive's BEV is 128x128x34 in CARLA; on highway-env there are no lights, signs or walkers, so
   the stack has 10 channels (see :class:`~lightning_eff.rl.envs.BEVRasterizer`).
 * The GRU is ``torch.nn.GRUCell`` followed by LayerNorm (DreamerV3 uses its own normalised GRU).
+
+Cost (``docs/methods/think2drive_agent.md``, ``benchmarks/rl_update_speed.py``): the actor-critic update
+dominates (15 imagined steps from every posterior state of the batch, 255-bin heads on all imagined
+states). ``imagine_last`` (DreamerV3's ``imag_last``) starts imagination from the last ``K`` steps of each
+sequence only, and fewer ``bins`` shrink the heads; both default to DreamerV3's choice (all steps, 255).
 """
 
 from __future__ import annotations
@@ -101,6 +106,9 @@ class Think2Drive(L.LightningModule):
         pred_scale, dyn_scale, rep_scale, free_bits: world-model loss weights and free nats.
         unimix: uniform mixture of every categorical.
         horizon: imagination horizon (>= 1). gamma, lambda_: discount and TD(lambda).
+        imagine_last: imagination starts from the posterior states of the last ``imagine_last`` steps of
+            each replayed sequence (DreamerV3's ``imag_last``; 0: all ``T`` steps, DreamerV3's default).
+            The actor-critic update costs about ``imagine_last / T`` of its cost with all starts.
         entropy_coef: actor entropy bonus. slow_critic_fraction: EMA step of the slow critic.
         slow_reg: weight of the critic's regulariser towards the slow critic.
         return_decay: EMA decay of the return percentiles.
@@ -141,6 +149,7 @@ class Think2Drive(L.LightningModule):
         free_bits: float = 1.0,
         unimix: float = 0.01,
         horizon: int = 15,
+        imagine_last: int = 0,
         gamma: float = 0.997,
         lambda_: float = 0.95,
         entropy_coef: float = 3e-4,
@@ -175,6 +184,7 @@ class Think2Drive(L.LightningModule):
             ("stoch_classes", stoch_classes, 2),
             ("bins", bins, 3),
             ("horizon", horizon, 1),
+            ("imagine_last", imagine_last, 0),
             ("planner_ratio_steps", planner_ratio_steps, 1),
             ("planner_reset_interval", planner_reset_interval, 0),
         ):
@@ -223,9 +233,9 @@ class Think2Drive(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        wm = torch.optim.Adam(self.world_model_parameters(), lr=h.world_model_lr, eps=h.adam_eps)
-        actor = torch.optim.Adam(self.actor.parameters(), lr=h.actor_lr, eps=h.adam_eps)
-        critic = torch.optim.Adam(self.critic.parameters(), lr=h.critic_lr, eps=h.adam_eps)
+        wm = torch.optim.Adam(self.world_model_parameters(), lr=h.world_model_lr, eps=h.adam_eps, foreach=True)
+        actor = torch.optim.Adam(self.actor.parameters(), lr=h.actor_lr, eps=h.adam_eps, foreach=True)
+        critic = torch.optim.Adam(self.critic.parameters(), lr=h.critic_lr, eps=h.adam_eps, foreach=True)
         return [wm, actor, critic]
 
     # -- checks ---------------------------------------------------------------------------------------
@@ -289,35 +299,35 @@ class Think2Drive(L.LightningModule):
         return action.cpu().numpy(), (latent, onehot)
 
     # -- world model ----------------------------------------------------------------------------------
-    def _time_first(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {k: v.transpose(0, 1) for k, v in batch.items() if v.ndim >= 2}
-        out["bev"] = out["bev"].float()
-        return out
-
     def world_model_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, RSSMState, dict[str, Tensor]]:
-        """DreamerV3 Eq. 5 on a ``[B, T]`` replay batch; returns ``(loss, posteriors [T, B], metrics)``."""
+        """DreamerV3 Eq. 5 on a ``[B, T]`` replay batch; returns ``(loss, posteriors [T, B], metrics)``.
+
+        Only the RSSM filter runs time-first; the encoder, decoder and heads see the batch in its stored
+        (batch-first) order, so that the ``[B, T, C, H, W]`` BEV is converted to float once, without a
+        transposing copy.
+        """
         h = self.hparams
-        data = self._time_first(batch)
-        steps, batch_size = data["reward"].shape
-        bev, vec = data["bev"], data["vec"]
-        embed = self.encoder(bev.flatten(0, 1), vec.flatten(0, 1)).view(steps, batch_size, -1)
-        action = data["action"]
+        batch_size, steps = batch["reward"].shape
+        bev = batch["bev"].flatten(0, 1).to(torch.float32, memory_format=torch.channels_last)  # [B*T, C, H, W]
+        vec = batch["vec"].flatten(0, 1).float()
+        embed = self.encoder(bev, vec).view(batch_size, steps, -1).transpose(0, 1)
+        action = batch["action"].transpose(0, 1)
         onehot = F.one_hot(action.clamp(min=0), h.num_actions).float() * (action >= 0).unsqueeze(-1).float()
-        post, prior_logits = self.rssm.observe(embed, onehot, data["is_first"])
-        feat = post.feat()
-        flat = feat.flatten(0, 1)
+        post, prior_logits = self.rssm.observe(embed, onehot, batch["is_first"].transpose(0, 1))
+        flat = post.feat().transpose(0, 1).flatten(0, 1)  # [B*T, F], batch-first like the targets
         bev_logits, vec_pred = self.decoder(flat)
-        bev_loss = F.binary_cross_entropy_with_logits(bev_logits, bev.flatten(0, 1), reduction="none").sum((1, 2, 3))
-        vec_loss = ((vec_pred - symlog(vec.flatten(0, 1))) ** 2).sum(-1)
+        bev_loss = F.binary_cross_entropy_with_logits(bev_logits, bev, reduction="none").sum((1, 2, 3))
+        vec_loss = ((vec_pred - symlog(vec)) ** 2).sum(-1)
+        reward = batch["reward"].flatten().float()
         reward_logits = self.reward_head(flat)
-        reward_target = twohot_encode(symlog(data["reward"].flatten()), self.bins)
+        reward_target = twohot_encode(symlog(reward), self.bins)
         reward_loss = -(reward_target * F.log_softmax(reward_logits, -1)).sum(-1)
         cont_logit = self.continue_head(flat).squeeze(-1)
-        cont_target = 1.0 - data["terminal"].flatten()
+        cont_target = 1.0 - batch["terminal"].flatten().float()
         cont_loss = F.binary_cross_entropy_with_logits(cont_logit, cont_target, reduction="none")
         dyn, rep, kl = kl_balance_loss(post.logits, prior_logits, h.free_bits)
         pred = bev_loss + vec_loss + reward_loss + cont_loss
-        loss = (h.pred_scale * pred + h.dyn_scale * dyn.flatten() + h.rep_scale * rep.flatten()).mean()
+        loss = (h.pred_scale * pred + (h.dyn_scale * dyn + h.rep_scale * rep).t().flatten()).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Think2Drive: non-finite world-model loss (bev {bev_loss.mean().item():.3g}, vec "
@@ -332,50 +342,82 @@ class Think2Drive(L.LightningModule):
                 "wm/reward_loss": reward_loss.mean().detach(),
                 "wm/continue_loss": cont_loss.mean().detach(),
                 "wm/kl": kl.mean(),
-                "wm/reward_mae": (reward_pred - data["reward"].flatten()).abs().mean(),
-                "wm/bev_pixel_acc": ((bev_logits > 0).float() == bev.flatten(0, 1)).float().mean(),
+                "wm/reward_mae": (reward_pred - reward).abs().mean(),
+                "wm/bev_pixel_acc": (bev_logits > 0).eq(batch["bev"].flatten(0, 1).bool()).sum() / bev.numel(),
             }
         return loss, post, metrics
 
     # -- behaviour ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def imagine(self, start: RSSMState, horizon: int) -> tuple[Tensor, Tensor]:
-        """Roll the actor in the world model: features ``[H + 1, N, F]`` and actions ``[H, N]``."""
-        feats, actions = [start.feat()], []
-        state = start
+    def _actor_probs(self, logits: Tensor) -> Tensor:
+        probs = logits.softmax(-1)
+        if self.hparams.unimix > 0:
+            probs = (1.0 - self.hparams.unimix) * probs + self.hparams.unimix / probs.shape[-1]
+        return probs
+
+    def imagine(self, start: RSSMState, horizon: int, actor_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Roll the actor in the world model (no gradient into the world model).
+
+        Returns features ``[H + 1, N, F]``, actions ``[H, N]`` and the actor's logits ``[H, N, A]`` at the
+        first ``H`` states (with a gradient into the actor if ``actor_grad``, so that the actor loss
+        reuses them instead of running the actor again). Actions are drawn as
+        ``torch.distributions.Categorical`` draws them (``multinomial`` with replacement), without its
+        argument checks.
+        """
+        feats, actions, logits = [start.feat().detach()], [], []
+        state = start.detach()
         for _ in range(horizon):
-            logits = unimix_logits(self.actor(state.feat()), self.hparams.unimix)
-            action = torch.distributions.Categorical(logits=logits).sample()
-            state = self.rssm.imagine_step(state, F.one_hot(action, self.hparams.num_actions).float())
+            with torch.set_grad_enabled(actor_grad and torch.is_grad_enabled()):
+                step_logits = self.actor(feats[-1])
+            with torch.no_grad():
+                action = torch.multinomial(self._actor_probs(step_logits.detach()), 1, True).squeeze(-1)
+                state = self.rssm.imagine_step(state, action)
             feats.append(state.feat())
             actions.append(action)
-        return torch.stack(feats), torch.stack(actions)
+            logits.append(step_logits)
+        return torch.stack(feats), torch.stack(actions), torch.stack(logits)
+
+    def imagination_starts(self, post: RSSMState, terminal: Tensor) -> tuple[RSSMState, Tensor]:
+        """Detached starting states of imagination and their continuation flags, ``[K * B]`` each.
+
+        ``post`` holds the ``[T, B]`` posteriors of :meth:`world_model_loss`, ``terminal`` the batch's ``[B, T]``
+        flags; the starts are the last ``K = min(imagine_last or T, T)`` steps of every sequence.
+        """
+        steps = post.deter.shape[0]
+        k = min(self.hparams.imagine_last or steps, steps)
+        start = RSSMState(*(x[-k:].flatten(0, 1) for x in (post.deter, post.stoch, post.logits))).detach()
+        start_continue = 1.0 - terminal.transpose(0, 1)[-k:].flatten().float()
+        return start, start_continue
 
     def _critic_value(self, net: nn.Module, feat: Tensor) -> Tensor:
         return symexp(twohot_decode(net(feat).softmax(-1), self.bins))
 
     def behaviour_losses(self, start: RSSMState, start_continue: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Actor and critic losses on trajectories imagined from ``start`` (DreamerV3 Eq. 6-8)."""
+        """Actor and critic losses on trajectories imagined from ``start`` (DreamerV3 Eq. 6-8).
+
+        The actor's logits of the imagination are those of its loss, and the critic runs once on each
+        imagined state: its detached output gives the values of the lambda-returns, the rest its loss.
+        """
         h = self.hparams
-        feats, actions = self.imagine(start.detach(), h.horizon)
+        feats, actions, actor_logits = self.imagine(start, h.horizon, actor_grad=True)
+        critic_logits = self.critic(feats[:-1])
         with torch.no_grad():
             rewards = symexp(twohot_decode(self.reward_head(feats[1:]).softmax(-1), self.bins))
             conts = torch.sigmoid(self.continue_head(feats[1:]).squeeze(-1))
             discounts = h.gamma * conts
-            values = self._critic_value(self.critic, feats)
+            values = symexp(twohot_decode(critic_logits.detach().softmax(-1), self.bins))
+            values = torch.cat([values, self._critic_value(self.critic, feats[-1:])])
             returns = lambda_returns(rewards, values[:-1], discounts, values[-1], h.lambda_)
             weight = torch.cumprod(torch.cat([start_continue.unsqueeze(0), discounts[:-1]], dim=0), dim=0)
             scale = self.return_norm.update(self._gather(returns))
             advantage = (returns - values[:-1]) / scale
             slow_value = self._critic_value(self.slow_critic, feats[:-1])
 
-        logits = unimix_logits(self.actor(feats[:-1]), h.unimix)
-        log_probs = F.log_softmax(logits, -1)
+        log_probs = F.log_softmax(unimix_logits(actor_logits, h.unimix), -1)
         log_pi = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         actor_loss = -(weight * (log_pi * advantage + h.entropy_coef * entropy)).mean()
 
-        critic_log_probs = F.log_softmax(self.critic(feats[:-1]), -1)
+        critic_log_probs = F.log_softmax(critic_logits, -1)
         target = twohot_encode(symlog(returns), self.bins)
         slow_target = twohot_encode(symlog(slow_value), self.bins)
         critic_nll = -(target * critic_log_probs).sum(-1)
@@ -423,6 +465,11 @@ class Think2Drive(L.LightningModule):
         if self._trainer is not None:
             for opt in self.optimizers()[1:]:
                 opt.optimizer.state.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank re-draws from its own RNG: take rank 0's draw so that the replicas stay equal
+            for net in (self.actor, self.critic, self.slow_critic):
+                for p in net.parameters():
+                    torch.distributed.broadcast(p.data, src=0)
         self.planner_resets += 1
 
     # -- training -------------------------------------------------------------------------------------
@@ -434,8 +481,7 @@ class Think2Drive(L.LightningModule):
         # (their parameter sets are disjoint: the behaviour losses see detached latent states), then
         # each optimiser steps with its own clipping.
         wm_loss, post, metrics = self.world_model_loss(batch)
-        start = RSSMState(post.deter.flatten(0, 1), post.stoch.flatten(0, 1), post.logits.flatten(0, 1)).detach()
-        start_continue = 1.0 - batch["terminal"].transpose(0, 1).flatten().float()
+        start, start_continue = self.imagination_starts(post, batch["terminal"])
         self._planner_credit += self.planner_ratio()
         planner_now = self._planner_credit >= 1.0
         total = wm_loss
@@ -573,6 +619,14 @@ class Think2Drive(L.LightningModule):
         return path
 
     # -- checkpointing --------------------------------------------------------------------------------
+    def environment_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """``(env_name, env_kwargs)`` of the attached :class:`~lightning_eff.rl.DrivingDataModule` (``None`` if
+        there is none): what :func:`~lightning_eff.rl.load_agent` needs to rebuild the training environment."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "env_kwargs"):
+            return None
+        return str(getattr(dm, "env_name", "highway-bev")), dict(dm.env_kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["think2drive"] = {
             "format_version": FORMAT_VERSION,
@@ -581,6 +635,9 @@ class Think2Drive(L.LightningModule):
             "planner_resets": self.planner_resets,
             "planner_credit": self._planner_credit,
         }
+        spec = self.environment_spec()
+        if spec is not None:  # read by lightning_eff.rl.load_agent
+            checkpoint["think2drive"]["env_name"], checkpoint["think2drive"]["env_kwargs"] = spec
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("think2drive")
@@ -588,10 +645,10 @@ class Think2Drive(L.LightningModule):
             return
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"Think2Drive: unsupported checkpoint format {state.get('format_version')!r}.")
-        self.wm_updates = int(state["wm_updates"])
-        self.planner_updates = int(state["planner_updates"])
-        self.planner_resets = int(state["planner_resets"])
-        self._planner_credit = float(state["planner_credit"])
+        self.wm_updates = int(state.get("wm_updates", 0))
+        self.planner_updates = int(state.get("planner_updates", 0))
+        self.planner_resets = int(state.get("planner_resets", 0))
+        self._planner_credit = float(state.get("planner_credit", 0.0))
 
 
 class AgentPolicy(Policy):

@@ -69,3 +69,4 @@ def make_env(name: str = "highway-bev", **kwargs: Any) -> DrivingEnv:
     if name not in ENV_REGISTRY:
         raise ValueError(f"make_env: unknown environment {name!r}; registered: {sorted(ENV_REGISTRY)}.")
     return ENV_REGISTRY[name](**kwargs)
+from lightning_eff.rl.envs.tiny import TinyCorridorEnv  # noqa: E402, F401  (registers "tiny-corridor")

@@ -18,28 +18,66 @@ Observation: ``{"bev": uint8 [C, H, W] in {0, 1}, "vec": float32 [4]}`` with ``v
 speed_limit / 30, last acceleration, last steering)`` (speed in m/s; the last command normalised to
 ``[-1, 1]``).
 
-Reward (Think2Drive Sec. 3.2, with the weights of the public reproduction jkli-2/CaRL)::
+Reward (Think2Drive Sec. 3.2, structure and weights of the public reproduction jkli-2/CaRL, with the
+scales changed as listed below)::
 
     r = w_speed * r_speed + w_travel * r_travel + w_dev * p_dev + w_steer * c_steer
     r_speed  = 1 - |v - v_target| / v_norm                   v_target = 0.8 * limit, lowered near a lead
-    r_travel = (progress this step) / (v_norm * dt)
+    r_travel = (progress this step) / (v_norm * dt)           about v / v_norm
     p_dev    = -(distance to the route's lane centre) / max_deviation_norm
     c_steer  = -|steer_t - steer_{t-1}|                       (normalised steering)
-    terminal: -1 on leaving the route or being blocked, -1 - v / v_norm on a collision,
-              +1 on completing the route.
+    terminal: -1 on leaving the route or being blocked, +1 on completing the route,
+              -C * (1 + v / v_norm) / 2 on a collision, a red light or a stop sign, with
+              C = collision_seconds * policy_frequency * (w_speed + w_travel): the reward of
+              ``collision_seconds`` seconds of driving at the target speed (-C at v = v_target).
     v_norm   = speed_tolerance if set, else 0.8 * the start lane's limit (the base target speed)
 
-Departure: the reproduction divides the speed error by 7.5 m/s, its travel term is metres per tick
-and its collision penalty ``-1 - v`` (m/s), all sized for CARLA's urban routes, whose limit is
-always 30 km/h (base target 6.7 m/s, about 7.5: the reproduction notes that its normaliser relies on
-this). At highway speeds (target 24 m/s at 5 Hz) the same constants give a speed term down to -2.2
-per step when stopped, 5 per step of travel and -26 per crash. We normalise by the base target
-speed instead, which keeps each term in the range it has in the paper's setting (speed term in
-[0, 1] below twice the target, travel about 1 per step, crash penalty about -2 at the target).
+Defaults: w_speed 1, w_travel 0.5, w_dev 2, w_steer 0.5, collision_seconds 4 (-30 at the 24 m/s
+target of the highway scenes at 5 Hz, where one step at the target earns 1.5).
+
+What the sum does (free road, on the lane centre, no steering, ``v_target = v_norm``): ``(1 + w_travel) v /
+v_norm`` below the target and ``1 + w_travel - (1 - w_travel) (v - v_target) / v_norm`` above it: the
+reward rises with speed up to the target and falls above it (1.5 per step at the target, 1.25 at 1.5 x
+the target, 0 standing still). Behind a close lead vehicle the target falls to 0 and the reward is
+``1 - (1 - w_travel) v / v_norm``: slowing down pays.
+
+Departures from CaRL's constants (its reward is sized for CARLA's urban routes at 10 Hz, whose limit is
+always 30 km/h: base target 6.7 m/s, speed error divided by 7.5 m/s, travel in metres per tick,
+collision ``-1 - v`` with v in m/s):
+
+* speed error and travel are normalised by the base target speed instead of 7.5 m/s (at 24 m/s
+  CaRL's constants give a speed term down to -2.2 per step and 5 per step of travel at 5 Hz);
+* w_travel 0.5 instead of 1: with both terms normalised by ``v_norm``, w_travel 1 makes the speed
+  and travel terms cancel above the target (the sum is flat in speed for ``v >= v_target``, and 1 at
+  any speed behind a close lead). CaRL's travel term, in metres per 0.1 s tick against a speed error
+  per 7.5 m/s, has a relative weight of 0.75 (7.5 x 0.1): its sum falls above the target, but by only
+  0.25 / 7.5 per m/s. 0.5 makes it fall twice as steeply and keeps the slope below the target
+  (1.5 / v_norm) three times the one above (0.5 / v_norm);
+* the collision penalty is scaled to ``collision_seconds`` = 4 s of reward at the target speed (CaRL's
+  ``-1 - v`` is -7.7 at its target, about 0.46 s of its reward at the target: a crash costs less than
+  slowing down for a few seconds behind a slower car, and barely more than leaving the road). 4 s is
+  our choice, not tuned: a crash costs clearly more than any few steps of reward (a step earns at
+  most 1.5 + 0.5 x 16 / 24 at the 40 m/s cap) and 30 times leaving the route.
+* the blocked time-out is ``stall_seconds`` = 10 s with less than 1 m of progress (CaRL: 100 s below 1 m/s),
+  scaled to routes of a minute.
 
 Termination: collision, red light, stop sign, leaving the route (farther than ``max_route_deviation``
 from every route lane, or off the road), being blocked (less than 1 m of progress in
 ``stall_seconds``), or completing the route. Truncation: the scenario's time limit.
+
+Minimum speed (CARLA leaderboard 2.0, scenario_runner's ``MinimumSpeedRouteTest``, for the driving
+score): the route is cut into ``min_speed_checkpoints`` equal parts (the leaderboard uses 4); over each
+part, the ego's speed and the reference speed are summed over the steps that have traffic, and when the
+ego has driven a full part (or ends the episode beyond 95 % of the route) a ratio ``100 x ego /
+reference`` below 100 is recorded in :attr:`DrivingEnv.min_speed_percentages`
+(:func:`lightning_eff.rl.metrics.driving_score` turns each into a penalty factor). The leaderboard's
+reference is the mean speed of the background traffic; ours is that mean capped at the base target
+speed (0.8 x limit), because highway-env's traffic drives above its lanes' limits (the merge's cars at
+30 m/s on a 20 m/s lane): a driver holding the target is not penalised for it. The engine reports the
+traffic's mean speed as ``DrivingState.extras["traffic_speed"]``; without it no minimum-speed infraction
+is recorded. As on the leaderboard, a car that stops before its first checkpoint gets no minimum-speed
+infraction: being blocked (the stall rule) is recorded as a scenario time-out instead
+(``events["timeout"]``, penalty 0.7 in the driving score; each route here is one scenario).
 """
 
 from __future__ import annotations
@@ -107,13 +145,20 @@ class RewardWeights:
     """
 
     speed: float = 1.0
-    travel: float = 1.0
+    travel: float = 0.5
     deviation: float = 2.0
     steering: float = 0.5
     speed_tolerance: float | None = None
     max_deviation_norm: float = 8.0
     safety_distance: float = 8.0
     slowdown_time: float = 1.5
+    collision_seconds: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("speed", "travel", "deviation", "steering", "collision_seconds"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"RewardWeights: {name} must be a number >= 0, got {value!r}.")
 
 
 @dataclass
@@ -161,6 +206,7 @@ class DrivingEnv(gym.Env):
         max_route_deviation: metres from the route's lanes that end the episode.
         stall_seconds: seconds with less than 1 m of progress that end the episode (blocked).
         policy_frequency: decisions per second.
+        min_speed_checkpoints: route parts of the minimum-speed test (the leaderboard uses 4).
 
     Example (a minimal engine: the ego drives along a straight 100 m route at its commanded speed)::
 
@@ -205,6 +251,7 @@ class DrivingEnv(gym.Env):
         stall_seconds: float = 10.0,
         policy_frequency: float = 5.0,
         render_mode: str | None = None,
+        min_speed_checkpoints: int = 4,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -246,6 +293,9 @@ class DrivingEnv(gym.Env):
             raise ValueError(f"{name}: policy_frequency must be > 0 Hz, got {policy_frequency!r}.")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"{name}: render_mode must be None or 'rgb_array' (headless), got {render_mode!r}.")
+        if isinstance(min_speed_checkpoints, bool) or not isinstance(min_speed_checkpoints, int) or min_speed_checkpoints < 1:
+            raise ValueError(f"{name}: min_speed_checkpoints must be an int >= 1, got {min_speed_checkpoints!r}.")
+        self.min_speed_checkpoints = min_speed_checkpoints
         self.render_mode = render_mode
         self.max_route_deviation = float(max_route_deviation)
         self.stall_seconds = float(stall_seconds)
@@ -288,6 +338,11 @@ class DrivingEnv(gym.Env):
         self.episode_return = 0.0
         self.max_progress = 0.0
         self._progress_window: deque[float] = deque()
+        #: Minimum-speed infractions of this episode: 100 x ego / traffic mean speed, one per route part.
+        self.min_speed_percentages: list[float] = []
+        self._checkpoint_start = 0.0
+        self._ego_speed_sum = 0.0
+        self._traffic_speed_sum = 0.0
 
     def decode_action(self, action: int | np.integer | np.ndarray | Sequence[float]) -> np.ndarray:
         """Action index -> ``(acceleration, steering)`` in ``[-1, 1]``.
@@ -329,6 +384,7 @@ class DrivingEnv(gym.Env):
             "elapsed": self.elapsed,
             "episode_return": self.episode_return,
             "scenario_density": float(self.DENSITY.get(self.scenario, 1.0)),
+            "min_speed_infractions": float(len(self.min_speed_percentages)),
         }
         info.update({k: float(v) for k, v in self.counts.items()})
         info.update({k: float(v) for k, v in self.events.items()})
@@ -355,6 +411,7 @@ class DrivingEnv(gym.Env):
         self._sim_reset(scenario, sim_seed)
         state = self._sim_state()
         self._start_progress = state.progress
+        self._checkpoint_start = max(state.progress, 0.0)
         self._ref_speed = max(0.8 * state.speed_limit, 1.0)
         self._last_progress = state.progress
         self._progress_window.append(state.progress)
@@ -377,6 +434,17 @@ class DrivingEnv(gym.Env):
         tol = self.reward_weights.speed_tolerance
         return float(tol) if tol is not None else self._ref_speed
 
+    def collision_penalty(self, speed: float) -> float:
+        """Magnitude of the terminal penalty of a collision (or red light, stop sign) at ``speed`` m/s.
+
+        ``C (1 + v / v_norm) / 2`` with ``C = collision_seconds * policy_frequency * (w_speed + w_travel)``,
+        the reward of ``collision_seconds`` of driving at the target speed: CaRL's ``-1 - v`` shape
+        (twice as costly at the target as standing still), scaled to seconds of reward.
+        """
+        w = self.reward_weights
+        per_step = w.collision_seconds * self.policy_frequency * (w.speed + w.travel)
+        return per_step * (1.0 + speed / self.speed_norm) / 2.0
+
     def target_speed(self, state: DrivingState) -> float:
         """Think2Drive's target speed: 0.8 x the speed limit, lowered linearly to 0 near a leading vehicle."""
         w = self.reward_weights
@@ -384,6 +452,26 @@ class DrivingEnv(gym.Env):
         ramp = max(12.5, w.slowdown_time * base)
         factor = float(np.clip((state.lead_distance - w.safety_distance) / ramp, 0.0, 1.0))
         return base * factor
+
+    def _close_min_speed_checkpoint(self) -> None:
+        if self._traffic_speed_sum > 0:
+            percentage = round(100.0 * self._ego_speed_sum / self._traffic_speed_sum, 2)
+            if percentage < 100.0:
+                self.min_speed_percentages.append(percentage)
+        self._ego_speed_sum = self._traffic_speed_sum = 0.0
+
+    def _track_min_speed(self, state: DrivingState, done: bool) -> None:
+        """One step of the leaderboard's ``MinimumSpeedRouteTest`` (see the module docstring)."""
+        part = max(state.route_length, 1e-6) / self.min_speed_checkpoints
+        if self.max_progress - self._checkpoint_start > part:
+            self._close_min_speed_checkpoint()
+            self._checkpoint_start = self.max_progress
+        traffic = state.extras.get("traffic_speed")
+        if traffic is not None and np.isfinite(traffic) and traffic > 0:
+            self._ego_speed_sum += max(state.speed, 0.0)
+            self._traffic_speed_sum += min(float(traffic), self._ref_speed)
+        if done and self.max_progress / max(state.route_length, 1e-6) > 0.95:
+            self._close_min_speed_checkpoint()
 
     def step(self, action):
         command = self.decode_action(action)
@@ -418,11 +506,11 @@ class DrivingEnv(gym.Env):
         terminated, truncated = False, False
         if state.collision is not None:
             self.counts[state.collision] += 1
-            reward = -1.0 - state.speed / v_norm
+            reward = -self.collision_penalty(state.speed)
             terminated = True
         elif state.red_light or state.stop_sign:
             self.counts["red_light" if state.red_light else "stop_sign"] += 1
-            reward = -1.0 - state.speed / v_norm
+            reward = -self.collision_penalty(state.speed)
             terminated = True
         elif not state.on_road or state.route_deviation > self.max_route_deviation:
             self.events["route_deviation"] = 1
@@ -440,6 +528,7 @@ class DrivingEnv(gym.Env):
         elif self.elapsed >= self.time_limit - 1e-9:
             self.events["route_timeout"] = 1
             truncated = True
+        self._track_min_speed(state, terminated or truncated)
         self.episode_return += reward
         self._last_obs = self._observation(state)
         info = self._info(state, terms)

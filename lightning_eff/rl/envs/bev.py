@@ -12,8 +12,11 @@ past timesteps. This module draws such a stack from plain geometry:
 
 Image convention: the ego looks *up* the image (row 0 is the farthest point ahead), image columns
 grow to the ego's *right*, the ego's centre sits at column ``size / 2`` and row ``ego_row`` (default
-``size / 2``, the centre). Pixel ``(i, j)`` samples the world at its centre, so a box covers a pixel
-iff the pixel centre lies in the box (no anti-aliasing: masks are binary, as in the paper).
+``size / 2``, the centre; :class:`~lightning_eff.rl.envs.HighwayBEVEnv` puts it at ``3/4 size`` to see
+three times farther ahead than behind). Pixel ``(i, j)`` samples the world at its centre, so a box
+covers a pixel iff the pixel centre lies in the box (no anti-aliasing: masks are binary, as in the
+paper). Boxes are drawn at least one pixel long and wide (``min_extent``), so that a 2 m wide car is
+never lost between two pixel centres at a resolution coarser than 2 m/pixel.
 
 World convention (that of highway-env): a heading ``h`` points along ``(cos h, sin h)`` and the
 lateral direction of a lane is its direction turned by +90 degrees, ``(-sin h, cos h)``; line type 0
@@ -203,8 +206,11 @@ class BEVRasterizer:
         resolution: metres per pixel.
         history: number of vehicle frames (>= 1).
         history_stride: frames between two drawn history frames (>= 1).
-        ego_row: row of the ego centre (default ``size / 2``: the centre of the image).
+        ego_row: row of the ego centre, in pixels from the top (default ``size / 2``: the centre of the
+            image); the BEV sees ``ego_row * resolution`` metres ahead and ``(size - ego_row) * resolution``
+            behind.
         line_width: drawn width of lane lines [m] (at least one pixel is always hit).
+        min_extent: smallest drawn length and width of a box [m] (default: ``resolution``, one pixel).
 
     Example::
 
@@ -229,6 +235,7 @@ class BEVRasterizer:
         history_stride: int = 1,
         ego_row: float | None = None,
         line_width: float = 0.3,
+        min_extent: float | None = None,
     ) -> None:
         for name, value, low in (("size", size, 4), ("history", history, 1), ("history_stride", history_stride, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -241,6 +248,9 @@ class BEVRasterizer:
         self.size, self.resolution = size, float(resolution)
         self.history, self.history_stride = history, history_stride
         self.ego_row, self.line_width = ego_row, float(line_width)
+        self.min_extent = self.resolution if min_extent is None else float(min_extent)
+        if not self.min_extent >= 0:
+            raise ValueError(f"BEVRasterizer: min_extent must be >= 0 metres, got {min_extent!r}.")
         self.channels: tuple[str, ...] = self.STATIC_CHANNELS + tuple(
             f"vehicles_t-{k * history_stride}" for k in range(history)
         )
@@ -284,7 +294,9 @@ class BEVRasterizer:
         dr = self._rgt[None] - centres[:, 1:]
         along = df * c + dr * s
         across = -df * s + dr * c
-        inside = (np.abs(along) <= boxes[:, 3:4] / 2) & (np.abs(across) <= boxes[:, 4:5] / 2)
+        half_len = np.maximum(boxes[:, 3:4], self.min_extent) / 2
+        half_wid = np.maximum(boxes[:, 4:5], self.min_extent) / 2
+        inside = (np.abs(along) <= half_len) & (np.abs(across) <= half_wid)
         return inside.any(axis=0)
 
     def _segments(self, seg: Segments | None, ego: np.ndarray, lines: bool) -> tuple[np.ndarray, ...]:

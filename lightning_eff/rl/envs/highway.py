@@ -10,10 +10,10 @@ Scenarios (``HighwayBEVEnv.SCENARIOS``), one scene type per route as in Think2Dr
 
 =================  ==========================================================================
 ``highway_easy``   3 lanes, light traffic: the warm-up curriculum's scene
-``highway``        3 lanes, 15 vehicles, 400 m route
+``highway``        3 lanes, 15 vehicles, 800 m route
 ``highway_dense``  4 lanes, 35 vehicles at double density (dense traffic)
 ``cut_in``         3 lanes, aggressive drivers that change lanes into small gaps (cut-ins)
-``merge``          highway with vehicles merging from an on-ramp
+``merge``          highway with vehicles merging from an on-ramp, 700 m route (road extended)
 ``roundabout``     two-lane roundabout, exit at the north branch
 ``intersection``   unsignalised four-way crossing with priority traffic, random turn
 =================  ==========================================================================
@@ -51,7 +51,9 @@ class ScenarioSpec:
         env_class: highway-env class name in ``highway_env.envs``.
         config: overrides of that class's ``default_config()``.
         time_limit: seconds before the route times out (truncation).
-        route_length: route length [m] for straight highways (others follow the lane graph).
+        route_length: route length [m] for straight highways and the merge (whose road is extended
+            past its stock 460 m end when the route needs it); roundabout and intersection routes
+            follow the lane graph.
         density: scenario density for the weighted driving score.
 
     Example::
@@ -67,11 +69,21 @@ class ScenarioSpec:
     density: float = 1.0
 
 
+# Route lengths: long enough that braking to a standstill completes little of them (from the highway's
+# 25 m/s start, gentle braking at 2 m/s^2 stops after 156 m; from the merge's 30 m/s, after 225 m), time
+# limits that let a car at about 60 % of the 24 m/s (highway) / 16 m/s (merge) target finish.
 SCENARIO_SPECS: dict[str, ScenarioSpec] = {
-    "highway_easy": ScenarioSpec("HighwayEnv", {"lanes_count": 3, "vehicles_count": 5, "vehicles_density": 0.5}),
-    "highway": ScenarioSpec("HighwayEnv", {"lanes_count": 3, "vehicles_count": 15, "vehicles_density": 1.0}),
+    "highway_easy": ScenarioSpec(
+        "HighwayEnv", {"lanes_count": 3, "vehicles_count": 5, "vehicles_density": 0.5}, time_limit=60.0,
+        route_length=800.0,
+    ),
+    "highway": ScenarioSpec(
+        "HighwayEnv", {"lanes_count": 3, "vehicles_count": 15, "vehicles_density": 1.0}, time_limit=60.0,
+        route_length=800.0,
+    ),
     "highway_dense": ScenarioSpec(
-        "HighwayEnv", {"lanes_count": 4, "vehicles_count": 35, "vehicles_density": 2.0}, time_limit=40.0, density=2.0
+        "HighwayEnv", {"lanes_count": 4, "vehicles_count": 35, "vehicles_density": 2.0}, time_limit=70.0, density=2.0,
+        route_length=800.0,
     ),
     "cut_in": ScenarioSpec(
         "HighwayEnv",
@@ -81,10 +93,11 @@ SCENARIO_SPECS: dict[str, ScenarioSpec] = {
             "vehicles_density": 1.5,
             "other_vehicles_type": "highway_env.vehicle.behavior.AggressiveVehicle",
         },
-        time_limit=35.0,
+        time_limit=70.0,
         density=1.5,
+        route_length=800.0,
     ),
-    "merge": ScenarioSpec("MergeEnv", {}, time_limit=35.0),
+    "merge": ScenarioSpec("MergeEnv", {}, time_limit=70.0, route_length=700.0),
     "roundabout": ScenarioSpec("RoundaboutEnv", {}, time_limit=25.0),
     "intersection": ScenarioSpec("IntersectionEnv", {"destination": None}, time_limit=25.0),
 }
@@ -154,6 +167,8 @@ class HighwayBEVEnv(DrivingEnv):
         scenario_weights: sampling weights.
         bev_size: BEV height/width in pixels.
         resolution: metres per BEV pixel.
+        ego_row: BEV row of the ego's centre, in pixels from the top (default ``0.75 * bev_size``: three
+            times more range ahead than behind; ``bev_size / 2`` centres the ego).
         history: vehicle frames in the BEV (current + past).
         history_stride: policy steps between two history frames.
         action_table: ``[A, 2]`` normalised (acceleration, steering) pairs.
@@ -185,6 +200,7 @@ class HighwayBEVEnv(DrivingEnv):
         scenario_weights: list[float] | None = None,
         bev_size: int = 64,
         resolution: float = 1.0,
+        ego_row: float | None = None,
         history: int = 4,
         history_stride: int = 1,
         action_table: list[list[float]] | np.ndarray | None = None,
@@ -197,6 +213,7 @@ class HighwayBEVEnv(DrivingEnv):
         max_route_deviation: float = 4.0,
         stall_seconds: float = 10.0,
         render_mode: str | None = None,
+        min_speed_checkpoints: int = 4,
     ) -> None:
         super().__init__(
             scenarios,
@@ -207,6 +224,7 @@ class HighwayBEVEnv(DrivingEnv):
             stall_seconds=stall_seconds,
             policy_frequency=policy_frequency,
             render_mode=render_mode,
+            min_speed_checkpoints=min_speed_checkpoints,
         )
         if not (isinstance(simulation_frequency, int) and simulation_frequency >= policy_frequency > 0):
             raise ValueError(
@@ -222,7 +240,11 @@ class HighwayBEVEnv(DrivingEnv):
                 f"HighwayBEVEnv: max_lateral_acceleration must be None or > 0 m/s^2, got {max_lateral_acceleration!r}."
             )
         self.max_lateral_acceleration = max_lateral_acceleration
-        self.rasterizer = BEVRasterizer(size=bev_size, resolution=resolution, history=history, history_stride=history_stride)
+        if ego_row is None:
+            ego_row = 0.75 * bev_size
+        self.rasterizer = BEVRasterizer(
+            size=bev_size, resolution=resolution, history=history, history_stride=history_stride, ego_row=ego_row
+        )
         self.bev_channels = self.rasterizer.channels
         self.bev_shape = (len(self.bev_channels), bev_size, bev_size)
         self._build_spaces()
@@ -256,11 +278,13 @@ class HighwayBEVEnv(DrivingEnv):
             self._sims[scenario] = self._make_sim(scenario)
         self.sim = self._sims[scenario]
         self.sim.reset(seed=seed)
+        spec = SCENARIO_SPECS[scenario]
+        if scenario == "merge":
+            self._extend_merge(spec)
         # As highway-env's "-fast" variants: only collisions that involve the ego are checked.
         for v in self.sim.road.vehicles:
             if v is not self.sim.vehicle:
                 v.check_collisions = False
-        spec = SCENARIO_SPECS[scenario]
         self.time_limit = spec.time_limit
         ego = self.sim.vehicle
         self._plan_route(scenario, spec)
@@ -276,6 +300,22 @@ class HighwayBEVEnv(DrivingEnv):
         self._edge_idx = 0
         self._crashed_before = bool(ego.crashed)
 
+    def _extend_merge(self, spec: ScenarioSpec) -> None:
+        """Continue the merge's two highway lanes straight past their stock end (x = 460 m) when the route
+        (``route_length`` from the ego's start) needs it, plus 100 m so the BEV never sees the road end."""
+        from highway_env.road.lane import LineType, StraightLane
+
+        net = self.sim.road.network
+        end = float(net.get_lane(("c", "d", 0)).end[0])
+        start = float(self.sim.vehicle.position[0])
+        extra = start + spec.route_length + 100.0 - end
+        if extra <= 0 or "d" in net.graph:
+            return
+        c, s, n = LineType.CONTINUOUS_LINE, LineType.STRIPED, LineType.NONE
+        for i, lines in enumerate(([c, s], [n, c])):
+            y = float(net.get_lane(("c", "d", i)).end[1])
+            net.add_lane("d", "e", StraightLane([end, y], [end + extra, y], line_types=lines))
+
     def _plan_route(self, scenario: str, spec: ScenarioSpec) -> None:
         """The route as a list of graph edges, with the start and end coordinates on the first/last edge."""
         net = self.sim.road.network
@@ -287,7 +327,10 @@ class HighwayBEVEnv(DrivingEnv):
             s_end = s_start + spec.route_length
         elif scenario == "merge":
             edges = [("a", "b"), ("b", "c"), ("c", "d")]
-            s_end = 370.0 - net.get_lane(("c", "d", 0)).start[0]
+            x_end = float(ego.position[0]) + spec.route_length
+            if "d" in net.graph:
+                edges.append(("d", "e"))
+            s_end = x_end - float(net.get_lane(edges[-1] + (0,)).start[0])
         else:
             if scenario == "roundabout":
                 destination = "nxs"
@@ -387,6 +430,8 @@ class HighwayBEVEnv(DrivingEnv):
         front, _ = self.sim.road.neighbour_vehicles(ego, ego.lane_index)
         lead = float(ego.lane_distance_to(front)) if front is not None else float("inf")
         limit = ego.lane.speed_limit if ego.lane is not None and ego.lane.speed_limit else 20.0
+        others = [float(v.speed) for v in self.sim.road.vehicles if v is not ego]
+        extras = {"traffic_speed": float(np.mean(others))} if others else {}
         return DrivingState(
             speed=float(ego.speed),
             speed_limit=float(limit),
@@ -396,6 +441,7 @@ class HighwayBEVEnv(DrivingEnv):
             route_deviation=deviation,
             on_road=bool(ego.on_road),
             collision=collision,
+            extras=extras,
         )
 
     def _render_bev(self) -> np.ndarray:
