@@ -29,7 +29,7 @@ Example::
 
     >>> env = TinyCorridorEnv()
     >>> obs, info = env.reset(seed=0)
-    >>> obs["bev"].shape, obs["vec"].shape, env.action_space.n
+    >>> obs["bev"].shape, obs["vec"].shape, int(env.action_space.n)
     ((3, 16, 16), (4,), 9)
     >>> obs, reward, terminated, truncated, info = env.step(4)  # (0, 0): coast straight
     >>> sorted(k for k in ("route_completion", "collision_static", "episode_return") if k in info)
