@@ -18,6 +18,7 @@ from lightning_eff.distill import (
     GradientMatching,
     StaticSet,
     SyntheticSet,
+    TrajectoryMatching,
     evaluate_synthetic,
     sample_difficulty,
 )
@@ -169,11 +170,40 @@ def test_sdc_real_mode_prefers_easy_real_images(digits, tmp_path):
     assert sdc.real_sample_weights(m, 3, m._real[3]) is None
 
 
-def test_sdc_network_method_uses_the_iteration_network(digits, tmp_path):
+def test_sdc_network_method_uses_the_iteration_network(digits, tmp_path, monkeypatch):
+    # MTT's network of the iteration is the student at the expert's start epoch: the penalty must be
+    # measured with exactly those weights (not a trained reference net, a fresh net, the unrolled
+    # student, nor the expert at the target epoch)
+    import lightning_eff.distill.sdc as sdc_module
+
+    seen = []
+
+    def spy(model, images, labels, **kw):
+        seen.append(torch.cat([p.detach().flatten().cpu() for p in model.parameters()]))
+        return sample_difficulty(model, images, labels, **kw)
+
+    monkeypatch.setattr(sdc_module, "sample_difficulty", spy)
     sdc = SDC(weight=0.1, network="method")
-    m = METHODS["mtt"](ipc=1, plugins=[sdc], save_dir=str(tmp_path))
-    trainer(tmp_path, max_steps=2).fit(m, datamodule=digits)
-    assert sdc._nets is None  # nothing trained: the student at the start epoch was used
+    m = TrajectoryMatching(
+        small_net(), ipc=1, num_experts=1, expert_train_epochs=3, max_start_epoch=2, expert_epochs=1, syn_steps=2,
+        plugins=[sdc], save_dir=str(tmp_path),
+    )
+    starts = []
+    matching_loss = m.matching_loss
+
+    def record(step):
+        loss = matching_loss(step)
+        starts.append(int(step.logs["start_epoch"]))
+        return loss
+
+    m.matching_loss = record
+    trainer(tmp_path, max_steps=3).fit(m, datamodule=digits)
+    assert sdc._nets is None  # nothing trained for SDC
+    assert len(seen) == len(starts) == 3
+    (expert,) = m._experts
+    for params, start in zip(seen, starts):
+        torch.testing.assert_close(params, expert.epochs[start].float(), rtol=0, atol=0)
+        assert not torch.equal(params, expert.epochs[start + 1].float())
 
 
 # ---------------------------------------------------------------- DRUPI
@@ -373,7 +403,41 @@ def test_plugins_from_the_command_line(tmp_path, monkeypatch):
     )
     (plugin,) = cli.model.plugins
     assert isinstance(plugin, SDC) and plugin.weight == 0.5 and plugin.mode == "real"
-    assert plugin._difficulty is not None
+    # the draw the module makes is biased toward the easy images of each class: under p ~ exp(-0.5 z) the
+    # mean standardised difficulty of a drawn image is about -0.4 (a no-op gives 0, a sign error +0.4)
+    model, gen = cli.model, torch.Generator().manual_seed(0)
+    drawn_z = []
+    for c in range(10):
+        d = plugin._difficulty[c]
+        assert d.shape == (model._real[c].shape[0],)
+        z = (d - d.mean()) / d.std()
+        rows = {tuple(x.flatten().tolist()): i for i, x in enumerate(model._real[c])}
+        for _ in range(20):
+            drawn = model.sample_real(c, 16, gen)
+            drawn_z.append(z[[rows[tuple(x.flatten().tolist())] for x in drawn.cpu()]])
+    mean_z = torch.cat(drawn_z).mean().item()
+    assert mean_z < -0.25, mean_z
+
+
+def test_sdc_real_mode_refuses_to_be_a_silent_no_op(digits, tmp_path):
+    # digits have 121-128 training images per class: a draw of >= 128 takes every image of every class
+    sdc = SDC(weight=1.0, mode="real", num_nets=1, train_epochs=1)
+    m = DistributionMatching(small_net(), ipc=1, batch_real=128, plugins=[sdc], save_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"batch_real=128.*121-128"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    assert sdc._nets is None  # refused before training anything
+    # trajectory matching draws no real images at all
+    m = METHODS["mtt"](ipc=1, plugins=[SDC(weight=1.0, mode="real")], save_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="does not apply to TrajectoryMatching"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    # a draw that covers only the smaller classes warns; weight 0 (the method alone) is not checked
+    sdc = SDC(weight=1.0, mode="real", num_nets=1, train_epochs=1)
+    m = DistributionMatching(small_net(), ipc=1, batch_real=125, plugins=[sdc], save_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"leaves 4 of 10 classes unchanged"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    m = DistributionMatching(small_net(), ipc=1, batch_real=128, plugins=[SDC(weight=0.0, mode="real")],
+                             save_dir=str(tmp_path))
+    trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
 
 
 def test_static_set_keeps_the_method_of_a_learning_free_plugin_list_clear():
