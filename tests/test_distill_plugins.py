@@ -22,6 +22,7 @@ from lightning_eff.distill import (
     evaluate_synthetic,
     sample_difficulty,
 )
+from lightning_eff.distill.base import DistillStep
 from lightning_eff.models import MLP, ConvNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -237,6 +238,7 @@ def test_drupi_unknown_layer_is_a_clear_error(digits, tmp_path):
     ("kind", "pooling", "shape"), [("feature", "avg", (16, 2, 2)), ("attention", "max", (16,))]
 )
 def test_drupi_on_fixed_images_learns_labels_of_the_layer_shape(kind, pooling, shape, digits, tmp_path):
+    # the direction and per-class window of F's update: test_drupi_step_descends_its_matching_loss_...
     source = SyntheticSet.random_subset(digits, 2, seed=3)
     source.metadata["method"] = "dm"
     path = source.save(tmp_path / "dm.pt")
@@ -263,6 +265,40 @@ def test_drupi_on_fixed_images_learns_labels_of_the_layer_shape(kind, pooling, s
     assert saved.storage()["privileged"] == drupi.F.numel() * 4
     if kind == "attention":
         assert saved.nbytes < SyntheticSet.random_subset(digits, 3, seed=0).nbytes
+
+
+def test_drupi_step_descends_its_matching_loss_on_the_rows_of_each_class(digits, tmp_path):
+    # one SGD step on F (outer_loop 1: the network of iteration 0 is re-drawn identically, no inner training)
+    source = SyntheticSet.random_subset(digits, 2, seed=3)
+    path = source.save(tmp_path / "real.pt")
+    lr = 0.05
+    drupi = DRUPI(kind="attention", weight=1.0, batch_real=32, outer_loop=1, inner_loop=1, lr=lr, momentum=0.0)
+    m = StaticSet(small_net(), ipc=2, init=str(path), plugins=[drupi], save_dir=str(tmp_path / "out"))
+    trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    after = drupi.F.detach().clone()
+    before = drupi.initial_labels(m, (16,), digits)
+    step = DistillStep(iteration=0, shared=torch.Generator(), local=torch.Generator())
+
+    def loss_and_grad(labels):
+        with torch.no_grad():
+            drupi.F.copy_(labels)
+        loss = drupi.extra_loss(m, step)
+        (grad,) = torch.autograd.grad(loss, drupi.F)
+        return loss.item(), grad
+
+    loss0, grad0 = loss_and_grad(before)
+    loss1, _ = loss_and_grad(after)
+    assert loss1 >= 0  # a gradient distance (DC's 1 - cos per output unit) and a squared error
+    # the update is the SGD step down the gradient (a sign error or a frozen F fails) and it lowers the loss
+    torch.testing.assert_close(after, before - lr * grad0, rtol=1e-4, atol=1e-6)
+    assert grad0.abs().sum() > 0 and loss1 < loss0, (loss0, loss1)
+    # each class's labels are matched on that class's images only: changing the images of class 3 (rows 6, 7)
+    # changes the gradient of rows 6 and 7 and of no other row (a shifted class window fails)
+    with torch.no_grad():
+        m.syn_images[6:8] += torch.randn_like(m.syn_images[6:8])
+    _, grad_moved = loss_and_grad(before)
+    changed = (grad_moved != grad0).any(dim=1)
+    assert changed.nonzero().flatten().tolist() == [6, 7]
 
 
 def test_drupi_baseline_inits(digits, tmp_path):
