@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--methods", nargs="+", default=["dm", "gm", "mtt"], choices=["dm", "gm", "mtt"])
     parser.add_argument("--out", default="benchmarks/results/distill.json")
+    parser.add_argument("--work", default=None, help="keep the distilled sets here (default: a temporary folder)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and reuse the sets already in --work")
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "IPC", "ITERS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -153,41 +156,64 @@ def main() -> None:
     dm = DigitsDataModule(**DATA)
     dm.setup("fit")
     rows = []
-    tmp = tempfile.mkdtemp()
+    tmp = args.work or tempfile.mkdtemp()
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    if args.resume and Path(args.out).exists():
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        print(f"resuming: {len(rows)} rows from {args.out}", flush=True)
+
+    def save(partial: bool) -> None:  # after every row: a run cut short keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"protocol": protocol, "partial": partial, "rows": rows}, indent=2))
+
+    def have(method: str, ipc: int) -> bool:
+        return any(r["method"] == method and r["ipc"] == ipc for r in rows)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     for ipc in args.ipcs:
         # the baseline: random real subsets, one per student (redrawn per run)
-        accs = []
-        for s in range(args.students):
-            res = evaluate_synthetic(SyntheticSet.random_subset(dm, ipc, seed=100 + s), dm, num_students=1,
-                                     epochs=eval_epochs, dsa=DSA(), seed=s)
-            accs.extend(res.accuracies)
-        rows.append({"method": "random real", "ipc": ipc, "acc_mean": statistics.mean(accs),
-                     "acc_std": statistics.pstdev(accs), "s_per_iter_median": None, "peak_mem_mb": None})
-        print(f"IPC {ipc:2d} random real  acc {rows[-1]['acc_mean']:.3f} +- {rows[-1]['acc_std']:.3f}", flush=True)
+        if not have("random real", ipc):
+            accs = []
+            for s in range(args.students):
+                res = evaluate_synthetic(SyntheticSet.random_subset(dm, ipc, seed=100 + s), dm, num_students=1,
+                                         epochs=eval_epochs, dsa=DSA(), seed=s)
+                accs.extend(res.accuracies)
+            rows.append({"method": "random real", "ipc": ipc, "acc_mean": statistics.mean(accs),
+                         "acc_std": statistics.pstdev(accs), "s_per_iter_median": None, "peak_mem_mb": None})
+            save(True)
+            print(f"IPC {ipc:2d} random real  acc {rows[-1]['acc_mean']:.3f} +- {rows[-1]['acc_std']:.3f}", flush=True)
         for method in args.methods:
             out = os.path.join(tmp, f"{method}_{ipc}")
-            cmd = [sys.executable, "-m", "benchmarks.distill", "--one", method, str(ipc), str(iters[method]), out]
-            if quick:
-                cmd.append("--quick")
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"distilling {method} at IPC {ipc} failed:\n{proc.stderr[-3000:]}")
+            if have(method, ipc) and (method != "mtt" or have("mtt (learned lr)", ipc)):
+                continue
+            if args.resume and os.path.exists(out + ".pt") and os.path.exists(out + ".json"):
+                cmd = None
+            else:
+                cmd = [sys.executable, "-m", "benchmarks.distill", "--one", method, str(ipc), str(iters[method]), out]
+            if cmd is not None:
+                if quick:
+                    cmd.append("--quick")
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"distilling {method} at IPC {ipc} failed:\n{proc.stderr[-3000:]}")
             info = json.loads(Path(out + ".json").read_text())
             synset = SyntheticSet.load(out + ".pt")
-            res = evaluate_synthetic(synset, dm, num_students=args.students, epochs=eval_epochs, dsa=DSA(), seed=0)
-            rows.append({**info, "eval_lr": 0.01, "acc_mean": res.mean, "acc_std": res.std,
-                         "accuracies": res.accuracies})
-            print(f"IPC {ipc:2d} {method:11s}  acc {res.mean:.3f} +- {res.std:.3f}   "
-                  f"{info['s_per_iter_median']:.3f} s/iter   peak {info['peak_mem_mb']:.0f} MB", flush=True)
+            if not have(method, ipc):
+                res = evaluate_synthetic(synset, dm, num_students=args.students, epochs=eval_epochs, dsa=DSA(), seed=0)
+                rows.append({**info, "eval_lr": 0.01, "acc_mean": res.mean, "acc_std": res.std,
+                             "accuracies": res.accuracies})
+                save(True)
+                print(f"IPC {ipc:2d} {method:11s}  acc {res.mean:.3f} +- {res.std:.3f}   "
+                      f"{info['s_per_iter_median']:.3f} s/iter   peak {info['peak_mem_mb']:.0f} MB", flush=True)
             if method == "mtt":  # the lr it learned (what the official code evaluates at), same students' seeds
                 res = evaluate_synthetic(synset, dm, num_students=args.students, epochs=eval_epochs, lr="synset",
                                          dsa=DSA(), seed=0)
                 rows.append({**info, "method": "mtt (learned lr)", "eval_lr": synset.lr, "acc_mean": res.mean,
                              "acc_std": res.std, "accuracies": res.accuracies})
+                save(True)
                 print(f"IPC {ipc:2d} mtt at its learned lr {synset.lr:.4g}: acc {res.mean:.3f} +- {res.std:.3f}",
                       flush=True)
 
@@ -201,8 +227,7 @@ def main() -> None:
             sec = "" if r["s_per_iter_median"] is None else f"{r['s_per_iter_median']:.3f}"
             mem = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
             print(f"| {ipc} | {r['method']} | {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} | {sec} | {mem} | {beats} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
+    save(False)
     print(f"\nraw results: {args.out}")
 
 
