@@ -271,6 +271,9 @@ def accuracy_section(args, dm, feature_path: str, protocol: dict, pretrain_s: fl
         rows = [r for r in old.get("accuracy", []) if "arch" in r]
         lr_choices = {int(k): v for k, v in old.get("protocol", {}).get("cross_lrs_chosen", {}).items()}
         print(f"resuming: {len(rows)} rows from {args.out}", flush=True)
+    if args.lrs_from:
+        chosen = json.loads(Path(args.lrs_from).read_text())["protocol"].get("cross_lrs_chosen", {})
+        lr_choices.update({int(k): v for k, v in chosen.items()})
     done = {(r["ipc"], r["set"], r["arch"]) for r in rows}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -294,6 +297,8 @@ def accuracy_section(args, dm, feature_path: str, protocol: dict, pretrain_s: fl
                  ("random real (equal count)", 4 * ipc, 200), ("random real (equal storage)", ipc, 100),
                  ("dm", "distil", args.dm_iters), ("ncfm+psi", "distil", args.iters)]
         for name, kind, extra in order:
+            if args.sets and name not in args.sets:
+                continue
             todo = [a for a in args.archs if (ipc, name, a) not in done]
             if not todo:
                 continue
@@ -401,6 +406,10 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/benchmarks/ncfm.json")
     parser.add_argument("--work", default="outputs/benchmarks/ncfm_work", help="distilled sets kept for --resume")
     parser.add_argument("--resume", action="store_true", help="keep the rows in --out and the sets in --work")
+    parser.add_argument("--sets", nargs="+", default=None, choices=list(SET_ORDER),
+                        help="only these sets (default: all); lets several processes share one IPC")
+    parser.add_argument("--lrs-from", default=None,
+                        help="take the validation-chosen lrs of the cross-architecture students from this JSON")
     parser.add_argument("--child", nargs=5, metavar=("METHOD", "IPC", "ITERS", "WARMUP", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--feature-path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
