@@ -1,4 +1,5 @@
-"""NCFM on the bundled digits: accuracy against random real / DM, and cost against trajectory matching.
+"""NCFM on the bundled digits: accuracy against its packed-real start, random real (equal storage and count) and DM,
+on the distillation ConvNet and on two other students; cost against trajectory matching.
 
     python benchmarks/ncfm.py                   # full run (CPU: tens of minutes on 2 idle cores)
     python benchmarks/ncfm.py --quick           # smoke run (< 1 min of distillation, tiny evaluation)
