@@ -6,7 +6,10 @@
 For IPC 1 and 10, each method distils a synthetic set (each in its own subprocess, so that its peak
 memory is its own), then every set — and random real subsets of equal size, the baseline — is
 evaluated with the same protocol (printed below): fresh ConvNet-3 students trained on the set,
-tested on the real test split. Reported: accuracy mean +- std over the students, the median
+tested on the real test split. Trajectory matching learns its students' learning rate alongside
+the images (MTT's ``syn_lr``; the official code evaluates at it): its set is evaluated at that learned
+lr (row "mtt (learned lr)") and, for comparison, at the protocol's lr 0.01 (row "mtt").
+Reported: accuracy mean +- std over the students, the median
 seconds per distillation iteration and the peak memory of the distillation (peak RSS of the
 process above its RSS before ``fit`` on the CPU; ``torch.cuda.max_memory_allocated`` on a GPU).
 """
@@ -113,7 +116,11 @@ def main() -> None:
     parser.add_argument("--iters-scale", type=float, default=1.0, help="multiply every method's iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--methods", nargs="+", default=["dm", "gm", "mtt"], choices=["dm", "gm", "mtt"])
     parser.add_argument("--out", default="benchmarks/results/distill.json")
+    parser.add_argument("--work", default=None, help="keep the distilled sets here (default: a temporary folder)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and reuse the sets already in --work")
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "IPC", "ITERS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -134,9 +141,9 @@ def main() -> None:
         f"iterations {iters}, init from real images (seed 0)",
         "dm": "SGD lr 1.0 momentum 0.5 on images, 128 real images per class",
         "gm": "DC distance 'ours', SGD lr 0.1 momentum 0.5, outer/inner loops from the official table, net lr 0.01",
-        "mtt": "5 experts x 15 epochs (SGD 0.01), N = 20 (IPC 1) / 10 (IPC 10) student steps, M = 2, "
-        "start epoch < 10, image lr 100, lr lr 1e-5",
-        "evaluation": f"{args.students} fresh ConvNet-3 (width 128) students per set, SGD lr 0.01 momentum 0.9 "
+        "mtt": f"{2 if quick else 5} experts x 15 epochs (SGD 0.01), N = 20 (IPC 1) / 10 (IPC 10) student steps, "
+        "M = 2, start epoch < 10, image lr 100, lr lr 1e-5 (initial lr 0.01); evaluated at the learned lr and at 0.01",
+        "evaluation": f"{args.students} fresh ConvNet-3 (width 128) students per set, SGD lr 0.01 (mtt: also its learned lr) momentum 0.9 "
         f"wd 5e-4, batch 256, {eval_epochs} epochs, lr x0.1 at half, DSA, final-epoch test accuracy "
         f"on the 359 test images; random real: a new subset per student seed",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -149,36 +156,69 @@ def main() -> None:
     dm = DigitsDataModule(**DATA)
     dm.setup("fit")
     rows = []
-    tmp = tempfile.mkdtemp()
+    tmp = args.work or tempfile.mkdtemp()
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    if args.resume and Path(args.out).exists():
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        print(f"resuming: {len(rows)} rows from {args.out}", flush=True)
+
+    def save(partial: bool) -> None:  # after every row: a run cut short keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"protocol": protocol, "partial": partial, "rows": rows}, indent=2))
+
+    def have(method: str, ipc: int) -> bool:
+        return any(r["method"] == method and r["ipc"] == ipc for r in rows)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     for ipc in args.ipcs:
-        # the baseline: random real subsets, one per student (redrawn per run)
-        accs = []
-        for s in range(args.students):
-            res = evaluate_synthetic(SyntheticSet.random_subset(dm, ipc, seed=100 + s), dm, num_students=1,
-                                     epochs=eval_epochs, dsa=DSA(), seed=s)
-            accs.extend(res.accuracies)
-        rows.append({"method": "random real", "ipc": ipc, "acc_mean": statistics.mean(accs),
-                     "acc_std": statistics.pstdev(accs), "s_per_iter_median": None, "peak_mem_mb": None})
-        print(f"IPC {ipc:2d} random real  acc {rows[-1]['acc_mean']:.3f} +- {rows[-1]['acc_std']:.3f}", flush=True)
-        for method in ("dm", "gm", "mtt"):
+        for method in args.methods:
             out = os.path.join(tmp, f"{method}_{ipc}")
-            cmd = [sys.executable, "-m", "benchmarks.distill", "--one", method, str(ipc), str(iters[method]), out]
-            if quick:
-                cmd.append("--quick")
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"distilling {method} at IPC {ipc} failed:\n{proc.stderr[-3000:]}")
+            if have(method, ipc) and (method != "mtt" or have("mtt (learned lr)", ipc)):
+                continue
+            if args.resume and os.path.exists(out + ".pt") and os.path.exists(out + ".json"):
+                cmd = None
+            else:
+                cmd = [sys.executable, "-m", "benchmarks.distill", "--one", method, str(ipc), str(iters[method]), out]
+            if cmd is not None:
+                if quick:
+                    cmd.append("--quick")
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"distilling {method} at IPC {ipc} failed:\n{proc.stderr[-3000:]}")
             info = json.loads(Path(out + ".json").read_text())
             synset = SyntheticSet.load(out + ".pt")
-            res = evaluate_synthetic(synset, dm, num_students=args.students, epochs=eval_epochs, dsa=DSA(), seed=0)
-            rows.append({**info, "acc_mean": res.mean, "acc_std": res.std, "accuracies": res.accuracies})
-            print(f"IPC {ipc:2d} {method:11s}  acc {res.mean:.3f} +- {res.std:.3f}   "
-                  f"{info['s_per_iter_median']:.3f} s/iter   peak {info['peak_mem_mb']:.0f} MB", flush=True)
+            if method == "mtt" and not have("mtt (learned lr)", ipc):
+                # the lr it learned (what the official code evaluates at); the same students' seeds as at 0.01
+                res = evaluate_synthetic(synset, dm, num_students=args.students, epochs=eval_epochs, lr="synset",
+                                         dsa=DSA(), seed=0)
+                rows.append({**info, "method": "mtt (learned lr)", "eval_lr": synset.lr, "acc_mean": res.mean,
+                             "acc_std": res.std, "accuracies": res.accuracies})
+                save(True)
+                print(f"IPC {ipc:2d} mtt at its learned lr {synset.lr:.4g}: acc {res.mean:.3f} +- {res.std:.3f}",
+                      flush=True)
+            if not have(method, ipc):
+                res = evaluate_synthetic(synset, dm, num_students=args.students, epochs=eval_epochs, dsa=DSA(), seed=0)
+                rows.append({**info, "eval_lr": 0.01, "acc_mean": res.mean, "acc_std": res.std,
+                             "accuracies": res.accuracies})
+                save(True)
+                print(f"IPC {ipc:2d} {method:11s}  acc {res.mean:.3f} +- {res.std:.3f}   "
+                      f"{info['s_per_iter_median']:.3f} s/iter   peak {info['peak_mem_mb']:.0f} MB", flush=True)
 
+        # the baseline (after the methods, so that a run cut short keeps them): random real subsets, one per
+        # student (redrawn per run)
+        if not have("random real", ipc):
+            accs = []
+            for s in range(args.students):
+                res = evaluate_synthetic(SyntheticSet.random_subset(dm, ipc, seed=100 + s), dm, num_students=1,
+                                         epochs=eval_epochs, dsa=DSA(), seed=s)
+                accs.extend(res.accuracies)
+            rows.append({"method": "random real", "ipc": ipc, "acc_mean": statistics.mean(accs),
+                         "acc_std": statistics.pstdev(accs), "s_per_iter_median": None, "peak_mem_mb": None})
+            save(True)
+            print(f"IPC {ipc:2d} random real  acc {rows[-1]['acc_mean']:.3f} +- {rows[-1]['acc_std']:.3f}", flush=True)
     print("\n| IPC | method | test acc (mean +- std) | s / iteration (median) | peak memory (MB) | beats random by > spread |")
     print("| --- | --- | --- | --- | --- | --- |")
     for ipc in args.ipcs:
@@ -189,8 +229,7 @@ def main() -> None:
             sec = "" if r["s_per_iter_median"] is None else f"{r['s_per_iter_median']:.3f}"
             mem = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
             print(f"| {ipc} | {r['method']} | {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} | {sec} | {mem} | {beats} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
+    save(False)
     print(f"\nraw results: {args.out}")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lightning_eff.data import DigitsDataModule
@@ -151,6 +152,43 @@ def test_losses_vanish_on_identical_inputs():
     assert get_loops(10) == (10, 50) and get_loops(1) == (1, 1) and get_loops(12) == (10, 50)
 
 
+def test_losses_match_hand_computed_values_and_independent_references():
+    # DM: squared distance of the *mean* embeddings (2 real rows vs 1 synthetic: a sum or a missing square fails)
+    real, syn = torch.tensor([[1.0, 0.0], [3.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    assert float(mean_embedding_distance(real, syn)) == pytest.approx(2.0**2 + 1.0**2)
+    gen = torch.Generator().manual_seed(1)
+    r, s = torch.randn(6, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    loop = sum((sum(r[i, d] for i in range(6)) / 6 - sum(s[j, d] for j in range(3)) / 3) ** 2 for d in range(4))
+    assert float(mean_embedding_distance(r, s)) == pytest.approx(float(loop), rel=1e-5)
+    # its gradient pulls the synthetic mean toward the real one: a small step lowers it (sign)
+    s.requires_grad_(True)
+    (grad,) = torch.autograd.grad(mean_embedding_distance(r, s), s)
+    torch.testing.assert_close(grad, (-2 / 3 * (r.mean(0) - s.mean(0))).expand(3, 4).detach())
+    assert float(mean_embedding_distance(r, s - 0.1 * grad)) < float(mean_embedding_distance(r, s))
+
+    # gradient matching, DC's distance: per output row 1 - cos, summed; 1-D tensors (biases) ignored
+    gs = [torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]), torch.tensor([5.0, -5.0, 1.0])]
+    gr = [torch.tensor([[3.0, 0.0], [1.0, 0.0], [-1.0, -1.0]]), torch.tensor([0.0, 1.0, 2.0])]
+    # rows: same direction (0), orthogonal (1), opposite (2)
+    assert float(gradient_distance(gs, gr)) == pytest.approx(3.0, abs=1e-5)
+    assert float(gradient_distance([3 * gs[0]], [gr[0]])) == pytest.approx(3.0, abs=1e-5)  # scale-free
+    conv_s, conv_r = torch.randn(4, 3, 2, 2, generator=gen), torch.randn(4, 3, 2, 2, generator=gen)
+    reference = sum(1 - F.cosine_similarity(conv_s[o].flatten(), conv_r[o].flatten(), dim=0) for o in range(4))
+    assert float(gradient_distance([conv_s], [conv_r])) == pytest.approx(float(reference), abs=1e-5)
+    # "mse" and "cos" over all parameters, biases included
+    assert float(gradient_distance(gs, gr, "mse")) == pytest.approx(
+        float(sum(((a - b) ** 2).sum() for a, b in zip(gs, gr)))
+    )
+    flat_s, flat_r = torch.cat([g.flatten() for g in gs]), torch.cat([g.flatten() for g in gr])
+    assert float(gradient_distance(gs, gr, "cos")) == pytest.approx(
+        1 - float(F.cosine_similarity(flat_s, flat_r, dim=0)), abs=1e-5
+    )
+    # MTT eq. 3 over two parameters: (1 + 1 + 4) / (4 + 4 + 1)
+    student, target, start = [torch.ones(2), torch.tensor([3.0])], [torch.zeros(2), torch.tensor([1.0])], [
+        torch.full((2,), 2.0), torch.tensor([2.0])]
+    assert float(normalized_parameter_distance(student, target, start)) == pytest.approx(6 / 9)
+
+
 def _fit_then_identical_real(method, digits, tmp_path, monkeypatch):
     """Make the module's real batch equal its synthetic images: the matching loss must vanish."""
     module = METHODS[method](ipc=2)
@@ -171,6 +209,58 @@ def test_module_loss_is_minimal_when_synthetic_equals_real(method, digits, tmp_p
         assert identical == 0.0
     else:  # DC's distance keeps a 1e-6 in each row's cosine denominator: ~0, not exactly 0
         assert identical < 1e-3 * with_real, (identical, with_real)
+
+
+@pytest.mark.parametrize("method", ["dm", "gm"])
+def test_module_loss_is_the_formula_on_fixed_batches_and_an_image_step_lowers_it(method, digits, tmp_path,
+                                                                                  monkeypatch):
+    """The module's loss against the formula written out with the iteration's network on fixed real batches
+    (no augmentation), and the image gradient's direction: a small step against it lowers the loss."""
+    module = METHODS[method](ipc=2)
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
+    gen = torch.Generator().manual_seed(0)
+    real = [module._real[c][torch.randperm(len(module._real[c]), generator=gen)[:8]] for c in range(10)]
+    monkeypatch.setattr(module, "sample_real", lambda c, n, generator: real[c])
+    monkeypatch.setattr(module, "augment", lambda *batches, generator: batches)
+    saved = module.iteration.clone()
+
+    def loss_and_step():
+        module.iteration.copy_(saved)
+        if method == "gm":
+            module.__dict__["_net"] = None  # the same network is drawn again (seeded by the iteration)
+        step = module.make_step()
+        return module.matching_loss(step), step
+
+    loss, step = loss_and_step()
+    net, syn = step.net, module.syn_images.detach()
+    expected = 0.0
+    for c in range(10):
+        syn_c = syn[2 * c : 2 * c + 2]
+        if method == "dm":
+            with torch.no_grad():
+                diff = net.features(real[c]).mean(0) - net.features(syn_c).mean(0)
+            expected += float((diff**2).sum())
+        else:
+            params = [p for p in net.parameters() if p.requires_grad]
+            g_real = torch.autograd.grad(F.cross_entropy(net(real[c]), torch.full((8,), c)), params)
+            g_syn = torch.autograd.grad(F.cross_entropy(net(syn_c), torch.full((2,), c)), params)
+            for a, b in zip(g_syn, g_real):
+                if a.ndim > 1:  # per output unit 1 - cos, the official +1e-6 in the denominator (distance_wb)
+                    for o in range(a.shape[0]):
+                        u, v = a[o].flatten(), b[o].flatten()
+                        expected += float(1 - u.dot(v) / (u.norm() * v.norm() + 1e-6))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    (grad,) = torch.autograd.grad(loss, module.syn_images)
+    # the slope of the loss along the gradient, by central differences, is +|grad| (a sign error gives -|grad|;
+    # GM's loss has kinks (ReLU, near-zero gradient rows), so the step is small: 1e-4 along the unit direction)
+    x0, h, unit = module.syn_images.detach().clone(), 1e-4, grad / grad.norm()
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            module.syn_images.copy_(x0 + sign * h * unit)
+        values.append(float(loss_and_step()[0]))
+    assert values[1] < float(loss) < values[0]
+    assert (values[0] - values[1]) / (2 * h) == pytest.approx(float(grad.norm()), rel=0.1)
 
 
 def test_mtt_loss_is_zero_when_the_expert_followed_the_synthetic_set(digits, tmp_path):

@@ -190,13 +190,34 @@ def test_one_backward_ascends_psi_and_descends_the_images():
     assert psi_after["layers.0.weight"].ne(psi_before["layers.0.weight"]).any()
 
 
-def test_the_official_two_backward_scheme_leaves_psi_untrained():
-    """Regression guard for the official defect (issues #3, #14): loss.backward(); (-loss).backward()."""
+def test_the_official_two_backward_scheme_leaves_psi_untrained(digits, feature_file, tmp_path, monkeypatch):
+    """The official defect (issues #3, #14): loss.backward(); (-loss).backward() gives psi no gradient; the
+    module's one backward gives psi exactly minus the true gradient of its loss (and the images plus it)."""
     psi, syn, loss_fn = _minmax_setup()
     loss = loss_fn(reverse=False)
     loss.backward(retain_graph=True)
     (-loss).backward()
     assert all(float(p.grad.abs().max()) == 0.0 for p in psi.parameters())
+
+    import lightning_eff.distill.ncfm as ncfm_module
+
+    module = make(feature_file, use_sampling_net=True, calib_weight=0.0, save_dir=str(tmp_path))
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
+
+    def gradients():
+        module.zero_grad(set_to_none=True)
+        saved = module.iteration.clone()
+        module.matching_loss(module.make_step()).backward()  # the same draws each time
+        module.iteration.copy_(saved)
+        return module.syn_images.grad.clone(), [p.grad.clone() for p in module.psi.parameters()]
+
+    img_grad, psi_grad = gradients()
+    monkeypatch.setattr(ncfm_module, "ascent_gradient", lambda x: x)  # the plain loss: true gradients
+    true_img, true_psi = gradients()
+    torch.testing.assert_close(img_grad, true_img)  # the images descend the loss
+    for g, true in zip(psi_grad, true_psi):
+        torch.testing.assert_close(g, -true)  # psi ascends it
+    assert max(float(g.abs().max()) for g in psi_grad) > 0
 
 
 # ---------------------------------------------------------------- multi-formation

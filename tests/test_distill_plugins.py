@@ -18,9 +18,11 @@ from lightning_eff.distill import (
     GradientMatching,
     StaticSet,
     SyntheticSet,
+    TrajectoryMatching,
     evaluate_synthetic,
     sample_difficulty,
 )
+from lightning_eff.distill.base import DistillStep
 from lightning_eff.models import MLP, ConvNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -169,11 +171,40 @@ def test_sdc_real_mode_prefers_easy_real_images(digits, tmp_path):
     assert sdc.real_sample_weights(m, 3, m._real[3]) is None
 
 
-def test_sdc_network_method_uses_the_iteration_network(digits, tmp_path):
+def test_sdc_network_method_uses_the_iteration_network(digits, tmp_path, monkeypatch):
+    # MTT's network of the iteration is the student at the expert's start epoch: the penalty must be
+    # measured with exactly those weights (not a trained reference net, a fresh net, the unrolled
+    # student, nor the expert at the target epoch)
+    import lightning_eff.distill.sdc as sdc_module
+
+    seen = []
+
+    def spy(model, images, labels, **kw):
+        seen.append(torch.cat([p.detach().flatten().cpu() for p in model.parameters()]))
+        return sample_difficulty(model, images, labels, **kw)
+
+    monkeypatch.setattr(sdc_module, "sample_difficulty", spy)
     sdc = SDC(weight=0.1, network="method")
-    m = METHODS["mtt"](ipc=1, plugins=[sdc], save_dir=str(tmp_path))
-    trainer(tmp_path, max_steps=2).fit(m, datamodule=digits)
-    assert sdc._nets is None  # nothing trained: the student at the start epoch was used
+    m = TrajectoryMatching(
+        small_net(), ipc=1, num_experts=1, expert_train_epochs=3, max_start_epoch=2, expert_epochs=1, syn_steps=2,
+        plugins=[sdc], save_dir=str(tmp_path),
+    )
+    starts = []
+    matching_loss = m.matching_loss
+
+    def record(step):
+        loss = matching_loss(step)
+        starts.append(int(step.logs["start_epoch"]))
+        return loss
+
+    m.matching_loss = record
+    trainer(tmp_path, max_steps=3).fit(m, datamodule=digits)
+    assert sdc._nets is None  # nothing trained for SDC
+    assert len(seen) == len(starts) == 3
+    (expert,) = m._experts
+    for params, start in zip(seen, starts):
+        torch.testing.assert_close(params, expert.epochs[start].float(), rtol=0, atol=0)
+        assert not torch.equal(params, expert.epochs[start + 1].float())
 
 
 # ---------------------------------------------------------------- DRUPI
@@ -207,6 +238,7 @@ def test_drupi_unknown_layer_is_a_clear_error(digits, tmp_path):
     ("kind", "pooling", "shape"), [("feature", "avg", (16, 2, 2)), ("attention", "max", (16,))]
 )
 def test_drupi_on_fixed_images_learns_labels_of_the_layer_shape(kind, pooling, shape, digits, tmp_path):
+    # the direction and per-class window of F's update: test_drupi_step_descends_its_matching_loss_...
     source = SyntheticSet.random_subset(digits, 2, seed=3)
     source.metadata["method"] = "dm"
     path = source.save(tmp_path / "dm.pt")
@@ -233,6 +265,40 @@ def test_drupi_on_fixed_images_learns_labels_of_the_layer_shape(kind, pooling, s
     assert saved.storage()["privileged"] == drupi.F.numel() * 4
     if kind == "attention":
         assert saved.nbytes < SyntheticSet.random_subset(digits, 3, seed=0).nbytes
+
+
+def test_drupi_step_descends_its_matching_loss_on_the_rows_of_each_class(digits, tmp_path):
+    # one SGD step on F (outer_loop 1: the network of iteration 0 is re-drawn identically, no inner training)
+    source = SyntheticSet.random_subset(digits, 2, seed=3)
+    path = source.save(tmp_path / "real.pt")
+    lr = 0.05
+    drupi = DRUPI(kind="attention", weight=1.0, batch_real=32, outer_loop=1, inner_loop=1, lr=lr, momentum=0.0)
+    m = StaticSet(small_net(), ipc=2, init=str(path), plugins=[drupi], save_dir=str(tmp_path / "out"))
+    trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    after = drupi.F.detach().clone()
+    before = drupi.initial_labels(m, (16,), digits)
+    step = DistillStep(iteration=0, shared=torch.Generator(), local=torch.Generator())
+
+    def loss_and_grad(labels):
+        with torch.no_grad():
+            drupi.F.copy_(labels)
+        loss = drupi.extra_loss(m, step)
+        (grad,) = torch.autograd.grad(loss, drupi.F)
+        return loss.item(), grad
+
+    loss0, grad0 = loss_and_grad(before)
+    loss1, _ = loss_and_grad(after)
+    assert loss1 >= 0  # a gradient distance (DC's 1 - cos per output unit) and a squared error
+    # the update is the SGD step down the gradient (a sign error or a frozen F fails) and it lowers the loss
+    torch.testing.assert_close(after, before - lr * grad0, rtol=1e-4, atol=1e-6)
+    assert grad0.abs().sum() > 0 and loss1 < loss0, (loss0, loss1)
+    # each class's labels are matched on that class's images only: changing the images of class 3 (rows 6, 7)
+    # changes the gradient of rows 6 and 7 and of no other row (a shifted class window fails)
+    with torch.no_grad():
+        m.syn_images[6:8] += torch.randn_like(m.syn_images[6:8])
+    _, grad_moved = loss_and_grad(before)
+    changed = (grad_moved != grad0).any(dim=1)
+    assert changed.nonzero().flatten().tolist() == [6, 7]
 
 
 def test_drupi_baseline_inits(digits, tmp_path):
@@ -373,7 +439,41 @@ def test_plugins_from_the_command_line(tmp_path, monkeypatch):
     )
     (plugin,) = cli.model.plugins
     assert isinstance(plugin, SDC) and plugin.weight == 0.5 and plugin.mode == "real"
-    assert plugin._difficulty is not None
+    # the draw the module makes is biased toward the easy images of each class: under p ~ exp(-0.5 z) the
+    # mean standardised difficulty of a drawn image is about -0.4 (a no-op gives 0, a sign error +0.4)
+    model, gen = cli.model, torch.Generator().manual_seed(0)
+    drawn_z = []
+    for c in range(10):
+        d = plugin._difficulty[c]
+        assert d.shape == (model._real[c].shape[0],)
+        z = (d - d.mean()) / d.std()
+        rows = {tuple(x.flatten().tolist()): i for i, x in enumerate(model._real[c])}
+        for _ in range(20):
+            drawn = model.sample_real(c, 16, gen)
+            drawn_z.append(z[[rows[tuple(x.flatten().tolist())] for x in drawn.cpu()]])
+    mean_z = torch.cat(drawn_z).mean().item()
+    assert mean_z < -0.25, mean_z
+
+
+def test_sdc_real_mode_refuses_to_be_a_silent_no_op(digits, tmp_path):
+    # digits have 121-128 training images per class: a draw of >= 128 takes every image of every class
+    sdc = SDC(weight=1.0, mode="real", num_nets=1, train_epochs=1)
+    m = DistributionMatching(small_net(), ipc=1, batch_real=128, plugins=[sdc], save_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"batch_real=128.*121-128"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    assert sdc._nets is None  # refused before training anything
+    # trajectory matching draws no real images at all
+    m = METHODS["mtt"](ipc=1, plugins=[SDC(weight=1.0, mode="real")], save_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="does not apply to TrajectoryMatching"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    # a draw that covers only the smaller classes warns; weight 0 (the method alone) is not checked
+    sdc = SDC(weight=1.0, mode="real", num_nets=1, train_epochs=1)
+    m = DistributionMatching(small_net(), ipc=1, batch_real=125, plugins=[sdc], save_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"leaves 4 of 10 classes unchanged"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
+    m = DistributionMatching(small_net(), ipc=1, batch_real=128, plugins=[SDC(weight=0.0, mode="real")],
+                             save_dir=str(tmp_path))
+    trainer(tmp_path, max_steps=1).fit(m, datamodule=digits)
 
 
 def test_static_set_keeps_the_method_of_a_learning_free_plugin_list_clear():

@@ -327,6 +327,16 @@ class DistillationModule(L.LightningModule):
         """A freshly initialised copy of the network template on the module's device."""
         return reinitialized(self.net_template, seed, self.device)
 
+    def real_batch_sizes(self) -> tuple[int, ...]:
+        """Real images per class that each :meth:`sample_real` draw of an iteration asks for.
+
+        The method's own ``batch_real`` (none for methods that never sample real images during
+        distillation, such as trajectory matching) and that of every plug-in that draws (DRUPI). Plug-ins
+        that bias the draw (SDC's real mode) read it to tell whether the bias can change anything.
+        """
+        sizes = [getattr(self, "batch_real", None)] + [getattr(p, "batch_real", None) for p in self.plugins]
+        return tuple(int(b) for b in sizes if b is not None)
+
     def sample_real(self, c: int, n: int, generator: torch.Generator) -> Tensor:
         """``n`` real training images of class ``c`` (all of them if the class has fewer), on the device.
 

@@ -24,6 +24,12 @@ page ``shared/methods/sdc.md``):
 * ``mode="real"``: a cheaper reading that leaves the loss alone and biases the *real* batches
   toward easy samples: within each class, real image ``i`` is drawn with probability
   ``p_i ~ exp(-lambda_sdc(t) * z_i)``, ``z_i`` its difficulty standardised within the class.
+  It can only act where a draw takes *part* of a class: with ``batch_real`` at least the class
+  size every image is drawn at every iteration whatever the weights (a no-op: the plug-in raises a
+  ``ValueError`` when this holds for every class and draw, and warns when it holds for some), and the
+  bias weakens as ``batch_real`` nears the class size. It does not apply to trajectory matching,
+  which draws no real images during distillation (the real data enters only through the expert
+  trajectories, trained before): ``mode="real"`` raises there.
 
 The default weight falls as IPC grows (the paper's scaling argument; the exact law is ours):
 ``lambda_sdc = 0.01 / ipc`` in synthetic mode and ``1 / ipc`` in real mode
@@ -255,6 +261,8 @@ class SDC(DistillPlugin):
             self.weight_at(0)  # fails early without max_steps
         if self.base_weight() == 0:
             return
+        if self.mode == "real":
+            self.check_real_mode_applies(module)
         if self.network == "trained" and self._nets is None:
             datamodule = trainer.datamodule
             self.__dict__["_nets"] = train_reference_networks(
@@ -268,6 +276,43 @@ class SDC(DistillPlugin):
             )
         if self.mode == "real" and self._difficulty is None:
             self._difficulty = [self.class_difficulty(images, c) for c, images in enumerate(module._real)]
+
+    def check_real_mode_applies(self, module: DistillationModule) -> None:
+        """Raise when ``mode="real"`` cannot change the run; warn when it cannot for some classes.
+
+        Re-weighting the draw of real images matters only where a draw takes part of a class: a draw of
+        ``batch_real >= `` the class size returns every image of the class (in another order, which no
+        matching loss here depends on).
+        """
+        name = type(module).__name__
+        sizes = module.real_batch_sizes()
+        if not sizes:
+            raise ValueError(
+                f"SDC: mode='real' does not apply to {name}: it draws no real images during distillation "
+                f"(trajectory matching sees the real data only through its expert trajectories, trained "
+                f"before distillation), so biasing the draw of real images changes nothing. Use "
+                f"mode='synthetic' (the difficulty penalty on the synthetic images)."
+            )
+        class_sizes = [int(images.shape[0]) for images in module._real]
+        smallest, largest = min(class_sizes), max(class_sizes)
+        if min(sizes) >= largest:
+            raise ValueError(
+                f"SDC: mode='real' cannot change anything: {name} draws batch_real={min(sizes)} real images per "
+                f"class (all draws: {list(sizes)}), at least the size of every class ({smallest}-{largest} "
+                f"images), so every real image is drawn at every iteration whatever the weights. Use a "
+                f"batch_real below the class size (the bias grows as it falls, e.g. half of it) or "
+                f"mode='synthetic'."
+            )
+        full = [b for b in sizes if b >= smallest]
+        if full:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            covered = sum(size <= max(full) for size in class_sizes)
+            rank_zero_warn(
+                f"SDC: mode='real' leaves {covered} of {len(class_sizes)} classes unchanged for the draws of "
+                f"batch_real={max(full)} (classes of {smallest}-{largest} images): those draws take every image "
+                f"of such a class. The bias only acts on draws smaller than the class."
+            )
 
     def class_difficulty(self, images: Tensor, c: int) -> Tensor:
         """Mean difficulty of ``images`` (all of class ``c``) over the trained networks, on the CPU."""
