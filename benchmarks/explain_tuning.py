@@ -1,14 +1,20 @@
-"""Tuning runs of AutoGnothi's stage 2 on digits: one explainer setting per call, fidelity on a few test images.
+"""Tuning runs of AutoGnothi's stage 2 on digits: one explainer setting per call, fidelity on validation images.
 
-How the digits settings of ``benchmarks/explain.py`` were chosen (table in ``docs/methods/autognothi.md``).
+How the digits settings of ``benchmarks/explain.py`` are chosen (table in ``docs/methods/autognothi.md``).
+Settings are scored on the **validation split** and reported by ``benchmarks/explain.py`` on the test split,
+which tuning never reads. ``DigitsDataModule(seed=0)`` draws the 359 test images first (stratified), then 180
+validation images from the rest (``val_fraction=0.1``); the remaining 1,258 images train the classifier, the
+surrogate and the explainer. The validation images are used by no training step (Lightning's validation loop
+only logs their loss; nothing is selected on it).
+
 Protocol, printed with the result:
 
-* the frozen classifier is the backbone stored in an AutoGnothi checkpoint written by ``benchmarks/explain.py``
-  (``--backbone-from``, default ``benchmarks/results/explain_cpu_runs/explainer.ckpt``);
-* stage 1 (surrogate) is trained once per side ratio (AdamW 2e-3, cosine, ``--surrogate-epochs``) and cached under
-  ``--work``, or given with ``--surrogate``;
-* the exact Shapley values of that surrogate for the first ``--images`` test images (all 2^16 subsets) are cached
-  under ``--work`` too, so a further setting costs only its training;
+* the frozen classifier and the stage-1 surrogate are those of ``benchmarks/explain.py`` (``--backbone-from``:
+  its ``classifier.ckpt`` or any AutoGnothi checkpoint; ``--surrogate``: its ``surrogate.ckpt``), so the tuned
+  explainer explains the same value function the benchmark reports on; without ``--surrogate`` one is trained
+  per side ratio (AdamW 2e-3, cosine, ``--surrogate-epochs``) and cached under ``--work``;
+* the exact Shapley values of that surrogate for the first ``--images`` images of ``--split`` (all 2^16
+  subsets) are cached (``--exact-cache``), so a further setting costs only its training;
 * stage 2 is trained with the given side ratio, paired masks per image, epochs, learning rate (AdamW, cosine),
   head width and depth, batch size; the line ``RESULT {...}`` gives its training time, validation loss and the
   median / mean Pearson r of phi against the exact values on the predicted class; it is appended to
@@ -16,11 +22,12 @@ Protocol, printed with the result:
 
 Usage::
 
+    python benchmarks/explain.py --stop-after surrogate          # classifier.ckpt, surrogate.ckpt
     python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 8 --epochs 45 --lr 2e-3
-    python benchmarks/explain_tuning.py --side-ratio 4 --mask-samples 32 --epochs 15        # the old default
+    python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 32 --epochs 15 --lr 1e-3
 
-With 16 images the median moves by about 0.01 between seeds: use it to rank settings, and
-``benchmarks/explain.py`` (100 images) for the figures.
+With 32 images the median moves by about 0.01 between seeds: use it to rank settings, and
+``benchmarks/explain.py`` (100 test images) for the figures.
 """
 
 from __future__ import annotations
@@ -57,12 +64,22 @@ def main(argv: list[str] | None = None) -> dict:
     import lightning as L
 
     from lightning_eff.data import DigitsDataModule
-    from lightning_eff.explain import AutoGnothi, exact_shapley
+    from lightning_eff.explain import AutoGnothi
+    from lightning_eff.models import ImageClassifier
 
     bench = _load_explain_benchmark()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone-from", default="benchmarks/results/explain_cpu_runs/explainer.ckpt")
-    p.add_argument("--surrogate", default=None, help="a stage-1 checkpoint (default: train and cache one)")
+    p.add_argument(
+        "--backbone-from",
+        default="benchmarks/results/explain_cpu_runs/classifier.ckpt",
+        help="the frozen classifier: an ImageClassifier checkpoint (explain.py's classifier.ckpt) or an "
+        "AutoGnothi checkpoint (its backbone)",
+    )
+    p.add_argument(
+        "--surrogate",
+        default=None,
+        help="a stage-1 checkpoint, e.g. explain.py's surrogate.ckpt (default: train and cache one)",
+    )
     p.add_argument("--surrogate-epochs", type=int, default=40)
     p.add_argument("--side-ratio", type=int, default=1)
     p.add_argument("--mask-samples", type=int, default=8)
@@ -72,7 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hidden", type=int, default=256, help="explainer MLP width")
     p.add_argument("--head-layers", type=int, default=1, help="side blocks in the explainer head")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--images", type=int, default=32, help="images of --split scored")
+    p.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="images scored: val (choose settings here) or test (only to check a choice afterwards)",
+    )
+    p.add_argument("--exact-cache", default=None, help="folder of cached exact values (default <work>/exact)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="outputs/benchmarks/explain_tuning")
@@ -85,10 +109,21 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(args.backbone_from):
         raise SystemExit(
             f"--backbone-from {args.backbone_from!r} does not exist: run python benchmarks/explain.py first "
-            "(it writes <out>_runs/explainer.ckpt) or point to another AutoGnothi checkpoint."
+            "(it writes <out>_runs/classifier.ckpt; --stop-after surrogate is enough) or point to another "
+            "ImageClassifier or AutoGnothi checkpoint."
+        )
+    if args.split == "test":
+        warnings.warn(
+            "explain_tuning.py --split test scores settings on the reported test images: use it only to check a "
+            "choice made on --split val, never to make one.",
+            stacklevel=1,
         )
     print("protocol: " + json.dumps(vars(args)), flush=True)
-    vit = AutoGnothi.load_from_checkpoint(args.backbone_from, map_location="cpu").backbone
+    state = torch.load(args.backbone_from, map_location="cpu", weights_only=False)["state_dict"]
+    if any(k.startswith("surrogate_branch.") for k in state):
+        vit = AutoGnothi.load_from_checkpoint(args.backbone_from, map_location="cpu").backbone
+    else:
+        vit = ImageClassifier.load_from_checkpoint(args.backbone_from, map_location="cpu").net
     dm = DigitsDataModule(image_size=8, channels=1, batch_size=args.batch_size, seed=0)
     dm.setup()
 
@@ -118,25 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         num_heatmaps=0,
     )
     model.ensure_loaded()
-    x = dm.test_set.tensors[0][: args.images]
-    exact_path = work / f"exact_{Path(s_path).stem}_{args.images}.pt"
-    if exact_path.is_file():
-        exact = torch.load(exact_path)
-    else:
-        start = time.perf_counter()
-        with torch.no_grad():
-            exact = torch.stack(
-                [
-                    exact_shapley(
-                        model.value_function(x[i : i + 1]), model.num_players, chunk_size=8192
-                    ).float()
-                    for i in range(len(x))
-                ]
-            )
-        tmp = exact_path.with_suffix(".tmp")
-        torch.save(exact, tmp)
-        os.replace(tmp, exact_path)
-        print(f"exact Shapley values of {len(x)} images: {time.perf_counter() - start:.0f} s", flush=True)
+    split = dm.val_set if args.split == "val" else dm.test_set
+    x = split.tensors[0][: args.images]
+    exact = bench.exact_values(
+        model, x, args.split, 8192, Path(args.exact_cache or work / "exact"), lambda m: print(m, flush=True)
+    )
 
     t = trainer(args.epochs, check_val_every_n_epoch=args.epochs)
     start = time.perf_counter()
