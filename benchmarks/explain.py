@@ -287,35 +287,69 @@ def surrogate_fingerprint(model: AutoGnothi) -> str:
     return h.hexdigest()[:16]
 
 
-def exact_values(model: AutoGnothi, x: Tensor, split: str, chunk: int, cache_dir: Path, log) -> Tensor:
+def _drop_stale_lock(lock: Path) -> None:
+    """Remove a claim whose process (pid in the file, same machine) no longer runs."""
+    try:
+        pid = int(lock.read_text() or "0")
+        if pid:
+            os.kill(pid, 0)
+    except ProcessLookupError:
+        lock.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
+def exact_values(
+    model: AutoGnothi, x: Tensor, split: str, chunk: int, cache_dir: Path, log, wait: bool = True
+) -> Tensor | None:
     """``exact_shapley`` of the surrogate for each image of ``x`` ``[K, N, C]`` (float32, CPU).
 
-    The values depend only on the surrogate, so they are cached in ``cache_dir`` under a name holding the split,
-    the image count and :func:`surrogate_fingerprint`; an interrupted computation resumes from its partial
-    file. A run that tunes (on validation images) and a run that reports (on test images) can share them.
+    The values depend only on the surrogate and the image, so each image's are cached in its own file,
+    ``cache_dir/<split>_<surrogate fingerprint>/<index>.pt`` (:func:`surrogate_fingerprint`). Several processes
+    may fill one cache together: each claims the next image without a file (an ``O_EXCL`` lock file), so runs
+    that tune (validation images) and that report (test images) share the work and resume after an
+    interruption. With ``wait=False`` the call returns ``None`` when other processes still hold claims.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"exact_{split}{len(x)}_{surrogate_fingerprint(model)}.pt"
-    if path.is_file():
-        log(f"exact Shapley values of {len(x)} {split} images: cached in {path}")
-        return torch.load(path)
-    partial = path.with_suffix(".partial.pt")
-    done: list[Tensor] = list(torch.load(partial)) if partial.is_file() else []
-    start = time.perf_counter()
+    folder = cache_dir / f"{split}_{surrogate_fingerprint(model)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    start, computed = time.perf_counter(), 0
     model = model.eval()
-    with torch.no_grad():
-        for i in range(len(done), len(x)):
-            fn = model.value_function(x[i : i + 1])
-            done.append(exact_shapley(fn, model.num_players, chunk_size=chunk).float().cpu())
-            if (i + 1) % 10 == 0 or i + 1 == len(x):
-                torch.save(torch.stack(done), partial)
-                log(
-                    f"  exact Shapley values: {i + 1}/{len(x)} {split} images ({time.perf_counter() - start:.0f} s)"
-                )
-    out = torch.stack(done)
-    torch.save(out, path)
-    partial.unlink(missing_ok=True)
-    return out
+    while True:
+        missing = [i for i in range(len(x)) if not (folder / f"{i}.pt").is_file()]
+        if not missing:
+            break
+        claimed = None
+        for i in missing:
+            lock = folder / f"{i}.lock"
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                _drop_stale_lock(lock)
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            claimed = i
+            break
+        if claimed is None:  # the rest is being computed by other processes
+            if not wait:
+                return None
+            time.sleep(5)
+            continue
+        try:
+            with torch.no_grad():
+                fn = model.value_function(x[claimed : claimed + 1])
+                phi = exact_shapley(fn, model.num_players, chunk_size=chunk).float().cpu()
+            tmp = folder / f"{claimed}.tmp.{os.getpid()}"
+            torch.save(phi, tmp)
+            os.replace(tmp, folder / f"{claimed}.pt")
+        finally:
+            (folder / f"{claimed}.lock").unlink(missing_ok=True)
+        computed += 1
+        log(
+            f"  exact Shapley values: {split} image {claimed} ({len(missing) - 1} of {len(x)} left; "
+            f"{computed} here in {time.perf_counter() - start:.0f} s)"
+        )
+    return torch.stack([torch.load(folder / f"{i}.pt") for i in range(len(x))])
 
 
 def kernel_shap_batched(model: AutoGnothi, x: Tensor, budget: int, device: torch.device) -> Tensor:
@@ -628,7 +662,14 @@ def vit_b_scale(args, device: torch.device, log) -> dict:
     from torchvision.models import vit_b_16
 
     torch.manual_seed(0)
-    backbone = vit_b_16(weights=None, num_classes=10)
+    if args.vit_b_tiny:  # wiring check only (benchmarks/gpu_suite.py --tiny): same code path, tiny ViT
+        from torchvision.models import VisionTransformer
+
+        backbone = VisionTransformer(
+            32, 8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+        )
+    else:
+        backbone = vit_b_16(weights=None, num_classes=10)
     nn.init.normal_(backbone.heads.head.weight, std=0.02)
     stage1 = AutoGnothi(backbone, side_ratio=8, num_heatmaps=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -647,7 +688,8 @@ def vit_b_scale(args, device: torch.device, log) -> dict:
             num_heatmaps=0,
         )
         final.ensure_loaded()
-    x = torch.randn(args.vit_b_batch, 3, 224, 224, device=device)
+    side = 32 if args.vit_b_tiny else 224
+    x = torch.randn(args.vit_b_batch, 3, side, side, device=device)
     cost = inference_cost(final, backbone, x, args.repeats_vit_b, device)
     log(
         f"  ViT-B/16 inference: classifier {cost['classifier_s'] * 1e3:.1f} ms, final {cost['final_s'] * 1e3:.1f} ms "
@@ -876,6 +918,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="ViT-B/16 scale check (default: on CUDA)",
     )
+    p.add_argument(
+        "--only-vit-b",
+        action="store_true",
+        help="run only the ViT-B/16 scale check (no digits training; benchmarks/gpu_suite.py)",
+    )
+    p.add_argument("--vit-b-tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--repeats-vit-b", type=int, default=20)
     p.add_argument("--vit-b-batch", type=int, default=64, help="inference batch of the ViT-B/16 scale check")
@@ -939,7 +987,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out_path = Path(args.out)
     out_dir = out_path.parent / (out_path.stem + "_runs")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.only_vit_b:
+        out_dir.mkdir(parents=True, exist_ok=True)
     cfg["exact_cache"] = args.exact_cache or str(out_dir / "exact")
 
     def log(msg: str) -> None:
@@ -965,6 +1014,28 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result: dict[str, Any] = {"settings": cfg}
     t0 = time.perf_counter()
+    if args.only_vit_b:
+        log("ViT-B/16 scale check only" + (" (tiny ViT: wiring check)" if args.vit_b_tiny else "") + " ...")
+        result["settings"] = {
+            "only_vit_b": True,
+            "vit_b_tiny": args.vit_b_tiny,
+            "device": str(device),
+            "repeats_vit_b": args.repeats_vit_b,
+            "vit_b_batch": args.vit_b_batch,
+            "vit_b_train_batch": args.vit_b_train_batch,
+            "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor(),
+        }
+        result["vit_b"] = vit_b_scale(args, device, log)
+        result["wall_s"] = time.perf_counter() - t0
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, out_path)
+        log(f"total wall time {result['wall_s']:.0f} s; raw numbers in {out_path}")
+        return result
     clf, model, info = train_all(args, cfg, out_dir, log)
     result["training"] = info
     if args.stop_after:

@@ -14,7 +14,8 @@ Protocol, printed with the result:
   explainer explains the same value function the benchmark reports on; without ``--surrogate`` one is trained
   per side ratio (AdamW 2e-3, cosine, ``--surrogate-epochs``) and cached under ``--work``;
 * the exact Shapley values of that surrogate for the first ``--images`` images of ``--split`` (all 2^16
-  subsets) are cached (``--exact-cache``), so a further setting costs only its training;
+  subsets) are cached per image (``--exact-cache``; ``--only-exact`` only fills it, and several processes
+  fill it together), so a further setting costs only its training;
 * stage 2 is trained with the given side ratio, paired masks per image, epochs, learning rate (AdamW, cosine),
   head width and depth, batch size; the line ``RESULT {...}`` gives its training time, validation loss and the
   median / mean Pearson r of phi against the exact values on the predicted class; it is appended to
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="outputs/benchmarks/explain_tuning")
+    p.add_argument(
+        "--only-exact",
+        action="store_true",
+        help="cache the exact values of the scored images and stop (run once before parallel settings)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -155,14 +161,27 @@ def main(argv: list[str] | None = None) -> dict:
     model.ensure_loaded()
     split = dm.val_set if args.split == "val" else dm.test_set
     x = split.tensors[0][: args.images]
-    exact = bench.exact_values(
-        model, x, args.split, 8192, Path(args.exact_cache or work / "exact"), lambda m: print(m, flush=True)
-    )
+    cache = Path(args.exact_cache or work / "exact")
+
+    def exact_values():  # computed (with any other process filling the same cache) after the training
+        return bench.exact_values(model, x, args.split, 8192, cache, lambda m: print(m, flush=True))
+
+    if args.only_exact:
+        return {"exact": list(exact_values().shape)}
 
     t = trainer(args.epochs, check_val_every_n_epoch=args.epochs)
     start = time.perf_counter()
     t.fit(model, dm)
     train_s = time.perf_counter() - start
+    tag = (
+        f"ratio{args.side_ratio}_m{args.mask_samples}_e{args.epochs}_lr{args.lr:g}_h{args.hidden}"
+        f"_l{args.head_layers}_b{args.batch_size}_s{args.seed}"
+    )
+    ckpt = work / f"explainer_{tag}.ckpt"
+    t.save_checkpoint(
+        str(ckpt)
+    )  # the chosen setting's model can be reported as is (explain.py --explainer-ckpt)
+    exact = exact_values()
     model.eval()
     with torch.no_grad():
         out = model(x)
@@ -173,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         **vars(args),
         "surrogate": s_path,
+        "explainer_ckpt": str(ckpt),
         "train_s": round(train_s, 1),
         "val_loss": float(t.callback_metrics.get("explainer/val_loss", float("nan"))),
         "r_median": statistics.median(rs),
