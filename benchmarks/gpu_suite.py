@@ -258,6 +258,7 @@ class Outcome:
     command: list[str] = field(default_factory=list)
     returncode: int | None = None
     wall_s: float | None = None
+    cpu_s: float | None = None
     cap_s: float | None = None
     json: str | None = None
     log: str | None = None
@@ -275,8 +276,16 @@ def missing_requirements(job: Job, root: Path = ROOT) -> list[str]:
     return [r for r in job.requires if not re.search(r"[\"']" + re.escape(r) + r"[\"']", source)]
 
 
-def _has_flag(script: str, flag: str) -> bool:
-    return bool(re.search(r"[\"']" + re.escape(flag) + r"[\"']", (ROOT / script).read_text()))
+def _has_flag(script: str, flag: str, root: Path = ROOT) -> bool:
+    return bool(re.search(r"[\"']" + re.escape(flag) + r"[\"']", (root / script).read_text()))
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes (a load-independent size of a job)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -286,30 +295,31 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def run_job(job: Job, args, out_dir: Path, cap: float) -> Outcome:
-    missing = missing_requirements(job)
+def run_job(job: Job, args, out_dir: Path, cap: float, root: Path = ROOT) -> Outcome:
+    """Run one job as a subprocess (its own process group, killed at ``cap`` seconds) and classify the result."""
+    missing = missing_requirements(job, root)
     if missing:
         return Outcome(job.name, "unavailable in this checkout", missing=missing)
     job_args = [a.replace("{device}", args.device) for a in (job.tiny_args if args.tiny else job.args)]
     json_path = out_dir / f"{job.name}.json"
     log_path = out_dir / f"{job.name}.log"
     json_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(ROOT / job.script), *job_args]
-    writes_json = job.out_flag is not None and _has_flag(job.script, job.out_flag)
+    cmd = [sys.executable, str(root / job.script), *job_args]
+    writes_json = job.out_flag is not None and _has_flag(job.script, job.out_flag, root)
     if writes_json:
         cmd += [job.out_flag, str(json_path)]
-    if args.threads and _has_flag(job.script, "--threads"):
+    if args.threads and _has_flag(job.script, "--threads", root):
         cmd += ["--threads", str(args.threads)]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _children_cpu()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         try:
             rc = proc.wait(timeout=cap)
@@ -318,7 +328,7 @@ def run_job(job: Job, args, out_dir: Path, cap: float) -> Outcome:
             os.killpg(proc.pid, signal.SIGKILL)  # the job and the processes it started
             proc.wait()
             rc, status = None, "timeout"
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu0
     tail = _tail(log_path)
     if rc == 2 and re.search(r"unrecognized arguments|invalid choice", tail):
         status = "unavailable in this checkout"
@@ -329,9 +339,10 @@ def run_job(job: Job, args, out_dir: Path, cap: float) -> Outcome:
     return Outcome(
         job.name,
         status,
-        command=[os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd],
+        command=[os.path.relpath(c, root) if c.startswith(str(root)) else c for c in cmd],
         returncode=rc,
         wall_s=round(wall, 2),
+        cpu_s=round(cpu, 2),
         cap_s=cap,
         json=str(json_path) if json_path.is_file() else None,
         log=str(log_path),
@@ -385,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--device cuda: no CUDA device here. The suite's figures need one; use --tiny --device cpu "
                 "to check the wiring."
             )
-    out_dir = Path(args.out_dir) if args.out_dir else DEFAULT_OUT
+    out_dir = (Path(args.out_dir) if args.out_dir else DEFAULT_OUT).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [j for j in JOBS if args.jobs is None or j.name in args.jobs]
     print(
