@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="outputs/benchmarks/explain_tuning")
     p.add_argument(
+        "--score-ckpt",
+        default=None,
+        help="score this stage-2 checkpoint (written by an earlier call) instead of training one; give the "
+        "setting's flags too, so that the result line names it",
+    )
+    p.add_argument(
         "--only-exact",
         action="store_true",
         help="cache the exact values of the scored images and stop (run once before parallel settings)",
@@ -169,18 +175,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only_exact:
         return {"exact": list(exact_values().shape)}
 
-    t = trainer(args.epochs, check_val_every_n_epoch=args.epochs)
-    start = time.perf_counter()
-    t.fit(model, dm)
-    train_s = time.perf_counter() - start
     tag = (
         f"ratio{args.side_ratio}_m{args.mask_samples}_e{args.epochs}_lr{args.lr:g}_h{args.hidden}"
         f"_l{args.head_layers}_b{args.batch_size}_s{args.seed}"
     )
-    ckpt = work / f"explainer_{tag}.ckpt"
-    t.save_checkpoint(
-        str(ckpt)
-    )  # the chosen setting's model can be reported as is (explain.py --explainer-ckpt)
+    ckpt = Path(args.score_ckpt) if args.score_ckpt else work / f"explainer_{tag}.ckpt"
+    if args.score_ckpt:  # score a setting trained earlier (its training time and val loss are in its log)
+        model = AutoGnothi.load_from_checkpoint(args.score_ckpt, map_location="cpu")
+        train_s, val_loss = float("nan"), float("nan")
+    else:
+        t = trainer(args.epochs, check_val_every_n_epoch=args.epochs)
+        start = time.perf_counter()
+        t.fit(model, dm)
+        train_s = time.perf_counter() - start
+        val_loss = float(t.callback_metrics.get("explainer/val_loss", float("nan")))
+        t.save_checkpoint(str(ckpt))  # the chosen setting's model can be reported as is (--explainer-ckpt)
     exact = exact_values()
     model.eval()
     with torch.no_grad():
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "surrogate": s_path,
         "explainer_ckpt": str(ckpt),
         "train_s": round(train_s, 1),
-        "val_loss": float(t.callback_metrics.get("explainer/val_loss", float("nan"))),
+        "val_loss": val_loss,
         "r_median": statistics.median(rs),
         "r_mean": statistics.fmean(rs),
     }
