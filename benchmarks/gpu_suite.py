@@ -13,9 +13,12 @@ Per job the suite writes, under ``--out-dir``:
 * ``<job>.log``: the job's stdout and stderr;
 
 and one summary, ``suite.json``: the machine, and per job the command, the status, the return code, the wall
-time, the cap, the paths above and the last lines of the log. Statuses:
+time, the CPU seconds of the job's processes (a size of the job that does not depend on other load), the cap,
+the paths above and the last lines of the log. Statuses:
 
-* ``ok``: the script exited with 0 (and wrote its JSON where it has ``--out``);
+* ``ok``: the script exited with 0 and wrote its JSON; ``ok (log only: ...)``: exit 0 from a script that has
+  no ``--out`` in this checkout (``tokens.py`` before the DART raw-JSON branch is merged): the log is the
+  raw result;
 * ``failed``: non-zero exit (the log tail says why);
 * ``timeout``: killed at its cap (with its children);
 * ``unavailable in this checkout``: the script or a flag the job needs is missing here (several scripts are
