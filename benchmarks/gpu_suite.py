@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return ncfm_cifar_worker(
             [*rest, "--device", args.device, "--out", args.out or "ncfm_cifar.json"]
+            + (["--tiny"] if args.tiny else [])
             + (["--threads", str(args.threads)] if args.threads else [])
         )
     if rest:
@@ -463,7 +464,7 @@ def ncfm_cifar_worker(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     size = (
-        dict(per_class=20, width=8, warmup=1, iters=1, steps=(2,), batch_real=16, freqs=32)
+        dict(per_class=40, width=8, warmup=1, iters=1, steps=(2,), batch_real=16, freqs=32)
         if args.tiny
         else (dict(per_class=5000, width=128, warmup=2, iters=5, steps=(10, 30), batch_real=256, freqs=1024))
     )
