@@ -18,7 +18,10 @@ Protocol (every setting is printed at the start of a run):
    kernel_shap at 512 evaluations, interleaved image by image (A, B, C, A, B, C, ...), medians and ratios;
    AutoGnothi also per image in one batch of all ``--images`` (KernelSHAP batches its evaluations of one image,
    so both run batched model passes). Then our kernel_shap at ``--kernel-budgets`` evaluations per image: the
-   smallest budget whose median r reaches AutoGnothi's gives the speed-up at equal correlation.
+   smallest budget whose median r reaches AutoGnothi's gives the speed-up at equal correlation, one image at a
+   time. Like for like with AutoGnothi batched over the images: KernelSHAP with all images' evaluations in one
+   batched pass (same masks per image, so the same estimates), at that budget and at ``--kernel-samples``, in
+   ``--batched-repeats`` interleaved rounds with AutoGnothi's batch (``batched_kernel_shap`` in the JSON).
 3. **Cost.** Inference of the final model (logits + phi, one pass) against the plain classifier, batch 256,
    ABAB-interleaved, median and ratio. Training memory of one explainer step: AutoGnothi's side branch (frozen
    backbone run without autograd) against fine-tuning a full copy of the backbone as the explainer (ViT-Shapley
@@ -27,6 +30,12 @@ Protocol (every setting is printed at the start of a run):
    (identical for both) are computed beforehand and are not part of the step.
 4. **Scale check** (``--vit-b``, default on CUDA): the same cost measurements with a random-initialised
    torchvision ViT-B/16 (224 px, 196 players, side ratio 8, explainer MLP 3072) at batch 64 / 16.
+
+Splits: the images explained are test images; settings are chosen on validation images by
+``benchmarks/explain_tuning.py`` (same classifier and surrogate: ``--stop-after surrogate`` writes them), and
+the exact values of both are cached per image (``--exact-cache``). ``--speed-only`` times the explanations only
+(no exact values; an untrained explainer of the same shape times the same); ``--reanalyse JSON`` recomputes the
+report of an earlier run without its first ``--skip-images`` images; ``--only-vit-b`` runs step 4 alone.
 
 Usage::
 
