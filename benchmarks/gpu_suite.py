@@ -32,8 +32,9 @@ not errors). ``--tiny`` gives every job tiny sizes (seconds each on a CPU): it c
 figures; ``tests/test_gpu_suite.py`` runs it.
 
 NCFM vs trajectory matching at CIFAR size (job ``ncfm_vs_mtt_cifar``, worker in this file): generated
-CIFAR-shaped data (3 x 32 x 32, 10 classes, 5,000 images per class from a fixed seed: class-dependent colour
-means plus noise, nothing downloads), ConvNet-3 width 128 (instance norm) as in the official NCFM and MTT
+CIFAR-shaped data (3 x 32 x 32, 10 classes, 1,000 images per class from a fixed seed: class-dependent colour
+means plus noise, nothing downloads; the count only changes the untimed expert and feature-network training,
+not the cost of an iteration), ConvNet-3 width 128 (instance norm) as in the official NCFM and MTT
 CIFAR-10 code, IPC 10. Per method, in one process: a Lightning ``Trainer`` runs ``warmup + iters``
 distillation iterations; the median seconds per timed iteration and ``torch.cuda.max_memory_allocated``
 above the allocation at the end of the warm-up are reported. Methods: NCFM (factor 2, 256 real images per
@@ -108,7 +109,7 @@ JOBS: tuple[Job, ...] = (
             "--new-tokens",
             "2",
         ),
-        cap_s=90,
+        cap_s=80,
         requires=("--preset", "7b"),
         readme="Token compression and DART (speed table; GPU row promised)",
         notes="random-init decoder built on the device in float32; 3 ABAB repeats (the script's default is 5)",
@@ -152,7 +153,7 @@ JOBS: tuple[Job, ...] = (
         script=SELF,
         args=("--worker", "ncfm_cifar", "--device", "{device}"),
         tiny_args=("--worker", "ncfm_cifar", "--device", "{device}", "--tiny"),
-        cap_s=70,
+        cap_s=90,
         readme="NCFM cost table ('No GPU figures yet')",
         notes="generated CIFAR-shaped data; see this module's docstring",
     ),
@@ -162,7 +163,7 @@ JOBS: tuple[Job, ...] = (
         script="benchmarks/distill_eval.py",
         args=("--device", "{device}", "--repeats", "1"),
         tiny_args=("--device", "{device}", "--quick", "--epochs", "1", "--modes", "loop,stacked"),
-        cap_s=100,
+        cap_s=90,
         requires=("--modes", "--repeats"),
         readme="DD-Ranking section (6.1x for a 25-student lr grid on an H200) and the distill_eval docstring",
         notes="the full protocol (300 epochs, 3 settings, 3 modes) with 1 timed repeat instead of 3, to fit 8 min",
@@ -466,7 +467,7 @@ def ncfm_cifar_worker(argv: list[str]) -> int:
     size = (
         dict(per_class=40, width=8, warmup=1, iters=1, steps=(2,), batch_real=16, freqs=32)
         if args.tiny
-        else (dict(per_class=5000, width=128, warmup=2, iters=5, steps=(10, 30), batch_real=256, freqs=1024))
+        else (dict(per_class=1000, width=128, warmup=2, iters=5, steps=(10, 30), batch_real=256, freqs=1024))
     )
     dm = GeneratedImagesDataModule(per_class=size["per_class"], batch_size=256)
     net_cfg = dict(in_channels=3, num_classes=10, width=size["width"], depth=3, image_size=32)
