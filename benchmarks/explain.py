@@ -334,10 +334,10 @@ def exact_values(
         claimed = None
         for i in missing:
             lock = folder / f"{i}.lock"
+            _drop_stale_lock(lock)
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                _drop_stale_lock(lock)
                 continue
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
