@@ -18,7 +18,10 @@ Protocol (every setting is printed at the start of a run):
    kernel_shap at 512 evaluations, interleaved image by image (A, B, C, A, B, C, ...), medians and ratios;
    AutoGnothi also per image in one batch of all ``--images`` (KernelSHAP batches its evaluations of one image,
    so both run batched model passes). Then our kernel_shap at ``--kernel-budgets`` evaluations per image: the
-   smallest budget whose median r reaches AutoGnothi's gives the speed-up at equal correlation.
+   smallest budget whose median r reaches AutoGnothi's gives the speed-up at equal correlation, one image at a
+   time. Like for like with AutoGnothi batched over the images: KernelSHAP with all images' evaluations in one
+   batched pass (same masks per image, so the same estimates), at that budget and at ``--kernel-samples``, in
+   ``--batched-repeats`` interleaved rounds with AutoGnothi's batch (``batched_kernel_shap`` in the JSON).
 3. **Cost.** Inference of the final model (logits + phi, one pass) against the plain classifier, batch 256,
    ABAB-interleaved, median and ratio. Training memory of one explainer step: AutoGnothi's side branch (frozen
    backbone run without autograd) against fine-tuning a full copy of the backbone as the explainer (ViT-Shapley
@@ -27,6 +30,12 @@ Protocol (every setting is printed at the start of a run):
    (identical for both) are computed beforehand and are not part of the step.
 4. **Scale check** (``--vit-b``, default on CUDA): the same cost measurements with a random-initialised
    torchvision ViT-B/16 (224 px, 196 players, side ratio 8, explainer MLP 3072) at batch 64 / 16.
+
+Splits: the images explained are test images; settings are chosen on validation images by
+``benchmarks/explain_tuning.py`` (same classifier and surrogate: ``--stop-after surrogate`` writes them), and
+the exact values of both are cached per image (``--exact-cache``). ``--speed-only`` times the explanations only
+(no exact values; an untrained explainer of the same shape times the same); ``--reanalyse JSON`` recomputes the
+report of an earlier run without its first ``--skip-images`` images; ``--only-vit-b`` runs step 4 alone.
 
 Usage::
 
@@ -51,6 +60,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import platform
 import statistics
@@ -71,6 +81,7 @@ from lightning_eff.explain import (
     exact_shapley,
     insertion_deletion_auc,
     kernel_shap,
+    kernel_shap_from_samples,
     normalize_efficiency,
     shapley_kernel_masks,
     shapley_regression_loss,
@@ -201,7 +212,11 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
         start = time.perf_counter()
         t.fit(clf, dm)
         info["classifier_train_s"] = time.perf_counter() - start
-        log(f"classifier: trained {cfg['epochs_classifier']} epochs in {info['classifier_train_s']:.0f} s")
+        t.save_checkpoint(str(out_dir / "classifier.ckpt"))
+        log(
+            f"classifier: trained {cfg['epochs_classifier']} epochs in {info['classifier_train_s']:.0f} s -> "
+            f"{out_dir / 'classifier.ckpt'}"
+        )
     res = trainer(args, 1, str(out_dir)).test(clf, dm, verbose=False)
     info["classifier_test_acc"] = float(res[0]["test/acc"])
     log(f"classifier: test accuracy {info['classifier_test_acc']:.4f}")
@@ -218,6 +233,9 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
     if args.surrogate_ckpt:
         s_path = args.surrogate_ckpt
         log(f"surrogate: using {s_path}")
+        info["surrogate_ckpt"] = s_path
+        if args.stop_after:
+            return clf, AutoGnothi.load_from_checkpoint(s_path, map_location="cpu"), info
     else:
         surrogate = make_surrogate(clf.net, cfg["epochs_surrogate"], side)
         t = trainer(args, cfg["epochs_surrogate"], str(out_dir))
@@ -230,11 +248,14 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
         info["surrogate_val_kl"] = float(metrics["surrogate/val_kl"])
         info["surrogate_val_agreement"] = float(metrics["surrogate/val_agreement"])
         info["surrogate_val_masked_agreement"] = float(metrics["surrogate/val_masked_agreement"])
+        info["surrogate_ckpt"] = s_path
         log(
             f"surrogate: trained {cfg['epochs_surrogate']} epochs in {info['surrogate_train_s']:.0f} s; val KL "
             f"{info['surrogate_val_kl']:.4f}, agreement with the classifier {info['surrogate_val_agreement']:.3f} "
             f"(full input), {info['surrogate_val_masked_agreement']:.3f} (random masks)"
         )
+        if args.stop_after:
+            return clf, surrogate, info
     model = make_explainer(
         clf.net,
         s_path,
@@ -244,6 +265,10 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
         mask_samples=cfg["mask_samples"],
         lr=cfg["explainer_lr"],
     )
+    if getattr(args, "speed_only", False):  # timing only: the cost of a pass does not depend on the weights
+        model.ensure_loaded()
+        log("explainer: untrained, same shape (timing only)")
+        return clf, model, info
     t = trainer(
         args,
         cfg["epochs_explainer"],
@@ -260,6 +285,112 @@ def train_all(args, cfg: dict, out_dir: Path, log) -> tuple[ImageClassifier, Aut
         f"{model.last_heatmap_path}"
     )
     return clf, model, info
+
+
+# --------------------------------------------------------------------------------------------------
+# exact Shapley values (cached) and KernelSHAP over many images in one batched pass
+# --------------------------------------------------------------------------------------------------
+def surrogate_fingerprint(model: AutoGnothi) -> str:
+    """Hash of the weights that define the value function ``v`` (frozen backbone and surrogate side branch)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(("backbone.", "surrogate_branch.", "surrogate_head.")):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """Remove a claim whose process (pid in the file, same machine) no longer runs."""
+    try:
+        pid = int(lock.read_text() or "0")
+        if pid:
+            os.kill(pid, 0)
+    except ProcessLookupError:
+        lock.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
+def exact_values(
+    model: AutoGnothi, x: Tensor, split: str, chunk: int, cache_dir: Path, log, wait: bool = True
+) -> Tensor | None:
+    """``exact_shapley`` of the surrogate for each image of ``x`` ``[K, N, C]`` (float32, CPU).
+
+    The values depend only on the surrogate and the image, so each image's are cached in its own file,
+    ``cache_dir/<split>_<surrogate fingerprint>/<index>.pt`` (:func:`surrogate_fingerprint`). Several processes
+    may fill one cache together: each claims the next image without a file (an ``O_EXCL`` lock file), so runs
+    that tune (validation images) and that report (test images) share the work and resume after an
+    interruption. With ``wait=False`` the call returns ``None`` when other processes still hold claims.
+    """
+    folder = cache_dir / f"{split}_{surrogate_fingerprint(model)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    start, computed = time.perf_counter(), 0
+    model = model.eval()
+    while True:
+        missing = [i for i in range(len(x)) if not (folder / f"{i}.pt").is_file()]
+        if not missing:
+            break
+        claimed = None
+        for i in missing:
+            lock = folder / f"{i}.lock"
+            _drop_stale_lock(lock)
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            claimed = i
+            break
+        if claimed is None:  # the rest is being computed by other processes
+            if not wait:
+                return None
+            time.sleep(5)
+            continue
+        try:
+            with torch.no_grad():
+                fn = model.value_function(x[claimed : claimed + 1])
+                phi = exact_shapley(fn, model.num_players, chunk_size=chunk).float().cpu()
+            tmp = folder / f"{claimed}.tmp.{os.getpid()}"
+            torch.save(phi, tmp)
+            os.replace(tmp, folder / f"{claimed}.pt")
+        finally:
+            (folder / f"{claimed}.lock").unlink(missing_ok=True)
+        computed += 1
+        log(
+            f"  exact Shapley values: {split} image {claimed} ({len(missing) - 1} of {len(x)} left; "
+            f"{computed} here in {time.perf_counter() - start:.0f} s)"
+        )
+    return torch.stack([torch.load(folder / f"{i}.pt") for i in range(len(x))])
+
+
+def kernel_shap_batched(model: AutoGnothi, x: Tensor, budget: int, device: torch.device) -> Tensor:
+    """KernelSHAP of every image of ``x`` with all ``K * (budget + 2)`` model evaluations in one batched pass.
+
+    Image ``i`` gets the masks ``kernel_shap(..., generator=manual_seed(i))`` draws for it alone, so the estimates
+    equal the per-image ones up to float rounding; only the batching of the model evaluations differs. The
+    masked inputs go through the model in a single chunk (``masked_chunk_size`` raised for the call).
+    """
+    n = model.num_players
+    masks = torch.cat(
+        [
+            shapley_kernel_masks(
+                1, n, budget, generator=torch.Generator(device=device).manual_seed(i), device=device
+            )
+            for i in range(len(x))
+        ]
+    )
+    ends = torch.stack(
+        [torch.zeros(n, dtype=torch.bool, device=device), torch.ones(n, dtype=torch.bool, device=device)]
+    ).expand(len(x), 2, n)
+    old = model.masked_chunk_size
+    model.masked_chunk_size = len(x) * (budget + 2)
+    try:
+        values = model.surrogate_values(x, torch.cat([ends, masks], 1))
+    finally:
+        model.masked_chunk_size = old
+    return kernel_shap_from_samples(masks, values[:, 2:], values[:, 0], values[:, 1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,13 +428,14 @@ def fidelity_and_speed(args, cfg: dict, model: AutoGnothi, device: torch.device,
         has_shap = False
         log("shap is not installed: the shap KernelExplainer column is skipped (pip install shap)")
     gen = torch.Generator().manual_seed(1)
+    exact_all = exact_values(model, x_all, "test", cfg["exact_chunk"], Path(cfg["exact_cache"]), log)
     with torch.no_grad():
         batch_out = model(x_all)
         for i in range(len(x_all)):
             x = x_all[i : i + 1]
             fn = model.value_function(x)
             pred = int(batch_out.logits[i].argmax())
-            exact = exact_shapley(fn, n, chunk_size=cfg["exact_chunk"]).float().cpu()
+            exact = exact_all[i]
             # the timed alternatives, in rotating order (A B C, B C A, ...)
             runs = {
                 "autognothi": lambda x=x: model(x).phi[0],
@@ -374,7 +506,141 @@ def fidelity_and_speed(args, cfg: dict, model: AutoGnothi, device: torch.device,
         for _ in range(cfg["repeats"]):
             dt, _ = timed(lambda: model(x_all), device)
             reps.append(dt / len(x_all))
-    return {"rows": rows, "times": times, "batched_per_image_s": med(reps), "has_shap": has_shap}
+        batched_ks = batched_comparison(cfg, model, x_all, exact_all, rows, device, log)
+    return {
+        "rows": rows,
+        "times": times,
+        "batched_per_image_s": med(reps),
+        "batched_kernel_shap": batched_ks,
+        "has_shap": has_shap,
+    }
+
+
+def batched_comparison(
+    cfg: dict, model: AutoGnothi, x_all: Tensor, exact_all: Tensor, rows: list, device, log
+) -> dict:
+    """AutoGnothi over all images in one batch against KernelSHAP with all images' evaluations in one pass.
+
+    KernelSHAP at its equal-correlation budget (the smallest per-image budget whose median r reaches
+    AutoGnothi's) and at ``kernel_samples``; interleaved rounds (rotating order), medians of the per-image time.
+    """
+    ag_r = med([row["ag_r"] for row in rows])
+    equal = [b for b in cfg["kernel_budgets"] if med([row[f"ks{b}_r"] for row in rows]) >= ag_r]
+    budgets = sorted({*equal[:1], cfg["kernel_samples"]})
+    k = len(x_all)
+    runs = {"autognothi": lambda: model(x_all).phi}
+    for b in budgets:
+        runs[f"ks{b}"] = functools.partial(kernel_shap_batched, model, x_all, b, device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    last: dict[str, Tensor] = {}
+    for rep in range(cfg["batched_repeats"]):
+        names = list(runs)
+        names = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in names:
+            dt, last[name] = timed(runs[name], device)
+            times[name].append(dt / k)
+    ag_s = med(times["autognothi"])
+    out: dict[str, Any] = {
+        "images": k,
+        "repeats": cfg["batched_repeats"],
+        "autognothi_per_image_s": ag_s,
+        "equal_correlation_budget": equal[0] if equal else None,
+        "kernel_shap": {},
+    }
+    for b in budgets:
+        est = last[f"ks{b}"].float().cpu()
+        key = f"ks{b}_r" if b in cfg["kernel_budgets"] else "ks_r"
+        r = [pearson(est[i][:, row["pred"]], exact_all[i][:, row["pred"]]) for i, row in enumerate(rows)]
+        out["kernel_shap"][str(b)] = {
+            "evaluations_per_image": b + 2,
+            "per_image_s": med(times[f"ks{b}"]),
+            "speedup_of_autognothi": med(times[f"ks{b}"]) / ag_s,
+            "median_r": med(r),
+            "max_abs_r_diff_vs_per_image": max(abs(a - row[key]) for a, row in zip(r, rows)),
+        }
+        log(
+            f"  batched over {k} images: KernelSHAP {b + 2} evaluations {med(times[f'ks{b}']) * 1e3:.3f} ms/image "
+            f"(median r {med(r):.3f}), AutoGnothi {ag_s * 1e3:.3f} ms/image: {med(times[f'ks{b}']) / ag_s:.1f}x"
+        )
+    return out
+
+
+def speed_only(cfg: dict, model: AutoGnothi, device: torch.device, log) -> dict:
+    """Time to explain each of the first ``images`` test images, one at a time and all batched (no fidelity).
+
+    The cost of an AutoGnothi pass and of a KernelSHAP evaluation does not depend on the weights, so this
+    needs no exact values. Per image, interleaved in rotating order: AutoGnothi (batch of one) and our
+    ``kernel_shap`` at each of ``speed_budgets``. Then, in ``batched_repeats`` interleaved rounds, AutoGnothi on
+    all images in one batch and KernelSHAP with all images' evaluations in one pass (:func:`kernel_shap_batched`,
+    the same masks as the per-image runs, whose estimates it must reproduce). Medians per image.
+    """
+    dm = DigitsDataModule(image_size=8, channels=1, seed=0)
+    dm.setup()
+    x_all = dm.test_set.tensors[0][: cfg["images"]].to(device)
+    model = model.to(device).eval()
+    n, k = model.num_players, len(x_all)
+    budgets = cfg["speed_budgets"]
+    single: dict[str, list[float]] = {"autognothi": [], **{f"ks{b}": [] for b in budgets}}
+    per_image_est: dict[int, list[Tensor]] = {b: [] for b in budgets}
+    with torch.no_grad():
+        model(x_all[:2])  # warm-up
+        for i in range(k):
+            x = x_all[i : i + 1]
+            fn = model.value_function(x)
+            runs = {"autognothi": lambda x=x: model(x).phi[0]}
+            for b in budgets:
+                runs[f"ks{b}"] = functools.partial(
+                    kernel_shap,
+                    fn,
+                    n,
+                    b,
+                    generator=torch.Generator(device=device).manual_seed(i),
+                    device=device,
+                )
+            names = list(runs)
+            names = names[i % len(names) :] + names[: i % len(names)]
+            for name in names:
+                dt, est = timed(runs[name], device)
+                single[name].append(dt)
+                if name != "autognothi":
+                    per_image_est[int(name[2:])].append(est.float().cpu())
+        batched_runs = {"autognothi": lambda: model(x_all).phi}
+        for b in budgets:
+            batched_runs[f"ks{b}"] = functools.partial(kernel_shap_batched, model, x_all, b, device)
+        batched: dict[str, list[float]] = {name: [] for name in batched_runs}
+        last: dict[str, Tensor] = {}
+        for rep in range(cfg["batched_repeats"]):
+            names = list(batched_runs)
+            names = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in names:
+                dt, last[name] = timed(batched_runs[name], device)
+                batched[name].append(dt / k)
+    ag1, agb = med(single["autognothi"]), med(batched["autognothi"])
+    out: dict[str, Any] = {
+        "images": k,
+        "batched_repeats": cfg["batched_repeats"],
+        "autognothi": {"batch1_s": ag1, "batched_per_image_s": agb},
+        "kernel_shap": {},
+        "raw": {"single": single, "batched": batched},
+    }
+    for b in budgets:
+        same = torch.stack(per_image_est[b])
+        ks1, ksb = med(single[f"ks{b}"]), med(batched[f"ks{b}"])
+        out["kernel_shap"][str(b)] = {
+            "evaluations_per_image": b + 2,
+            "batch1_s": ks1,
+            "batched_per_image_s": ksb,
+            "speedup_of_autognothi_one_at_a_time": ks1 / ag1,
+            "speedup_of_autognothi_both_batched": ksb / agb,
+            "speedup_mixed_autognothi_batched_vs_kernelshap_one_image": ks1 / agb,
+            "max_abs_diff_batched_vs_per_image_phi": float((last[f"ks{b}"].float().cpu() - same).abs().max()),
+        }
+        log(
+            f"  KernelSHAP {b + 2} evaluations: one image at a time {ks1 * 1e3:.2f} ms vs AutoGnothi {ag1 * 1e3:.2f} ms "
+            f"({ks1 / ag1:.1f}x); both batched over {k} images {ksb * 1e3:.3f} ms vs {agb * 1e3:.3f} ms per image "
+            f"({ksb / agb:.1f}x); mixed (the old headline's pairing) {ks1 / agb:.0f}x"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,7 +753,14 @@ def vit_b_scale(args, device: torch.device, log) -> dict:
     from torchvision.models import vit_b_16
 
     torch.manual_seed(0)
-    backbone = vit_b_16(weights=None, num_classes=10)
+    if args.vit_b_tiny:  # wiring check only (benchmarks/gpu_suite.py --tiny): same code path, tiny ViT
+        from torchvision.models import VisionTransformer
+
+        backbone = VisionTransformer(
+            32, 8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+        )
+    else:
+        backbone = vit_b_16(weights=None, num_classes=10)
     nn.init.normal_(backbone.heads.head.weight, std=0.02)
     stage1 = AutoGnothi(backbone, side_ratio=8, num_heatmaps=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -506,7 +779,8 @@ def vit_b_scale(args, device: torch.device, log) -> dict:
             num_heatmaps=0,
         )
         final.ensure_loaded()
-    x = torch.randn(args.vit_b_batch, 3, 224, 224, device=device)
+    side = 32 if args.vit_b_tiny else 224
+    x = torch.randn(args.vit_b_batch, 3, side, side, device=device)
     cost = inference_cost(final, backbone, x, args.repeats_vit_b, device)
     log(
         f"  ViT-B/16 inference: classifier {cost['classifier_s'] * 1e3:.1f} ms, final {cost['final_s'] * 1e3:.1f} ms "
@@ -580,16 +854,36 @@ def report(result: dict, log) -> None:
     ag = med(times["autognothi"])
     log(f"| AutoGnothi, batch of 1 | {ag * 1e3:.2f} ms | 1x |")
     batched = result["fidelity"]["batched_per_image_s"]
-    log(f"| AutoGnothi, batch of {k} (per image) | {batched * 1e3:.3f} ms | {ag / batched:.1f}x |")
+    log(
+        f"| AutoGnothi, batch of {result['fidelity'].get('batched_images', k)} (per image) | {batched * 1e3:.3f} ms | "
+        f"{ag / batched:.1f}x |"
+    )
     if has_shap:
         sk = med(times["shap_kernel"])
-        log(
-            f"| shap.KernelExplainer, 512 evaluations | {sk * 1e3:.1f} ms | {sk / ag:.0f}x (batched: {sk / batched:.0f}x) |"
-        )
+        log(f"| shap.KernelExplainer, 512 evaluations | {sk * 1e3:.1f} ms | {sk / ag:.0f}x |")
     ks = med(times["kernel_shap"])
-    log(
-        f"| our kernel_shap, 514 evaluations | {ks * 1e3:.2f} ms | {ks / ag:.1f}x (batched: {ks / batched:.0f}x) |"
-    )
+    log(f"| our kernel_shap, 514 evaluations | {ks * 1e3:.2f} ms | {ks / ag:.1f}x |")
+    bks = result["fidelity"].get("batched_kernel_shap")
+    if bks:
+        log("")
+        log(
+            f"### Both batched over the {bks['images']} images (AutoGnothi: one batch; KernelSHAP: all images' "
+            f"evaluations in one pass; {bks['repeats']} interleaved rounds, medians)"
+        )
+        log("")
+        log("| method | model evaluations per image | median r | time per image | AutoGnothi speed-up |")
+        log("| --- | --- | --- | --- | --- |")
+        ag_b = bks["autognothi_per_image_s"]
+        ag_rb = med([row["ag_r"] for row in rows])
+        log(
+            f"| AutoGnothi, batch of {bks['images']} | 0 (amortised) | {ag_rb:.3f} | {ag_b * 1e3:.3f} ms | 1x |"
+        )
+        for b, v in bks["kernel_shap"].items():
+            eq = " (equal correlation)" if bks["equal_correlation_budget"] == int(b) else ""
+            log(
+                f"| KernelSHAP, batched{eq} | {v['evaluations_per_image']} | {v['median_r']:.3f} | "
+                f"{v['per_image_s'] * 1e3:.3f} ms | {v['speedup_of_autognothi']:.1f}x |"
+            )
     budgets = result["settings"].get("kernel_budgets") or []
     if budgets:
         ag_r = med([row["ag_r"] for row in rows])
@@ -609,9 +903,15 @@ def report(result: dict, log) -> None:
         if equal:
             b = equal[0]
             t_b = med([row[f"ks{b}_s"] for row in rows])
+            both = (bks or {}).get("kernel_shap", {}).get(str(b))
             log(
                 f"\nAt equal correlation (KernelSHAP's smallest budget with median r >= AutoGnothi's: {b + 2} "
-                f"evaluations) AutoGnothi is {t_b / ag:.1f}x faster (batched: {t_b / batched:.0f}x)."
+                f"evaluations) AutoGnothi is {t_b / ag:.1f}x faster one image at a time"
+                + (
+                    f", {both['speedup_of_autognothi']:.1f}x with both batched over the images."
+                    if both
+                    else "."
+                )
             )
         else:
             log("\nNo smaller budget reaches AutoGnothi's median r; compare at 514 evaluations above.")
@@ -664,6 +964,70 @@ def report(result: dict, log) -> None:
         )
 
 
+def reanalyse(path: str, skip: int, out: str, log) -> dict:
+    """The report of an earlier run's JSON restricted to its test images from index ``skip`` on.
+
+    For a run whose settings were chosen on its first ``skip`` test images (the sweep of
+    ``explain_tuning.py`` before it scored validation images), the remaining images were never used to choose
+    anything: their figures are held out. Per-image rows and times are sliced; AutoGnothi's batched time (one
+    pass over all images of the run) is kept as measured. Writes the summary to ``out``.
+    """
+    result = json.loads(Path(path).read_text())
+    fid = result["fidelity"]
+    rows = fid["rows"][skip:]
+    if not rows:
+        raise SystemExit(
+            f"--reanalyse: {path} has {len(fid['rows'])} images; --skip-images {skip} leaves none"
+        )
+    sub = {
+        **result,
+        "fidelity": {
+            **fid,
+            "rows": rows,
+            "times": {k: v[skip:] for k, v in fid["times"].items()},
+            "batched_images": len(fid["rows"]),
+        },
+    }
+    sub.pop("vit_b", None)
+    log(
+        f"# {path}: test images {skip}..{len(fid['rows']) - 1} ({len(rows)} images; the first {skip} are left out)"
+    )
+    report(sub, log)
+    budgets = result["settings"].get("kernel_budgets") or []
+    ag_r = med([row["ag_r"] for row in rows])
+    summary = {
+        "source": path,
+        "skipped_first_images": skip,
+        "images": len(rows),
+        "autognothi": {
+            "median_r": ag_r,
+            "mean_r": statistics.fmean(row["ag_r"] for row in rows),
+            "batch1_s": med(sub["fidelity"]["times"]["autognothi"]),
+        },
+        "kernel_shap_by_budget": {
+            str(b + 2): {
+                "median_r": med([row[f"ks{b}_r"] for row in rows]),
+                "batch1_s": med([row[f"ks{b}_s"] for row in rows]),
+            }
+            for b in budgets
+        },
+        "kernel_shap_514": {
+            "median_r": med([row["ks_r"] for row in rows]),
+            "batch1_s": med(sub["fidelity"]["times"]["kernel_shap"]),
+        },
+    }
+    equal = [b for b in budgets if med([row[f"ks{b}_r"] for row in rows]) >= ag_r]
+    summary["equal_correlation_evaluations"] = equal[0] + 2 if equal else None
+    if fid.get("has_shap"):
+        summary["shap_kernel_explainer_512"] = {
+            "median_r": med([row["shap_r"] for row in rows]),
+            "batch1_s": med(sub["fidelity"]["times"]["shap_kernel"]),
+        }
+    Path(out).write_text(json.dumps(summary, indent=1))
+    log(f"\nsummary -> {out}")
+    return summary
+
+
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -688,11 +1052,51 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--surrogate-ckpt", default=None)
     p.add_argument("--explainer-ckpt", default=None)
     p.add_argument(
+        "--stop-after",
+        choices=("surrogate", "exact"),
+        default=None,
+        help="stop after training (or loading) the classifier and surrogate, or after also caching the exact "
+        "Shapley values of the test images (so that tuning runs and the benchmark share them); writes no JSON",
+    )
+    p.add_argument(
+        "--exact-cache",
+        default=None,
+        help="folder of cached exact Shapley values, keyed by split, count and surrogate weights "
+        "(default <out>_runs/exact)",
+    )
+    p.add_argument(
+        "--batched-repeats",
+        type=int,
+        default=None,
+        help="interleaved rounds of the both-batched comparison (default 5, quick 2)",
+    )
+    p.add_argument(
         "--vit-b",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="ViT-B/16 scale check (default: on CUDA)",
     )
+    p.add_argument(
+        "--only-vit-b",
+        action="store_true",
+        help="run only the ViT-B/16 scale check (no digits training; benchmarks/gpu_suite.py)",
+    )
+    p.add_argument("--vit-b-tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the time per explanation, one image at a time and batched over --images test images, for "
+        "AutoGnothi and KernelSHAP at --speed-budgets (no exact values, no fidelity); needs --surrogate-ckpt "
+        "and --classifier-ckpt (an untrained explainer of the same shape times the same) or --explainer-ckpt",
+    )
+    p.add_argument("--speed-budgets", type=int, nargs="+", default=[192, 512])
+    p.add_argument(
+        "--reanalyse",
+        default=None,
+        metavar="JSON",
+        help="no run: the report of an earlier run's JSON without its first --skip-images test images (summary to --out)",
+    )
+    p.add_argument("--skip-images", type=int, default=16)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--repeats-vit-b", type=int, default=20)
     p.add_argument("--vit-b-batch", type=int, default=64, help="inference batch of the ViT-B/16 scale check")
@@ -716,6 +1120,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/benchmarks/explain.json")
     args = p.parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(args.reanalyse, args.skip_images, args.out, lambda m: print(m, flush=True))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", ".*has no `get_config\\(\\)`.*")
@@ -749,13 +1155,17 @@ def main(argv: list[str] | None = None) -> dict:
         "mask_samples": args.mask_samples or 8,
         "repeats": args.repeats or (5 if args.quick else 30),
         "exact_chunk": 65536 if device.type == "cuda" else 8192,
+        "batched_repeats": args.batched_repeats or (2 if args.quick else 5),
+        "speed_budgets": args.speed_budgets,
         "device": str(device),
         "seed": args.seed,
         "vit_b": bool(args.vit_b if args.vit_b is not None else device.type == "cuda"),
     }
     out_path = Path(args.out)
     out_dir = out_path.parent / (out_path.stem + "_runs")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.only_vit_b:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    cfg["exact_cache"] = args.exact_cache or str(out_dir / "exact")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -780,8 +1190,53 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result: dict[str, Any] = {"settings": cfg}
     t0 = time.perf_counter()
+    if args.only_vit_b:
+        log("ViT-B/16 scale check only" + (" (tiny ViT: wiring check)" if args.vit_b_tiny else "") + " ...")
+        result["settings"] = {
+            "only_vit_b": True,
+            "vit_b_tiny": args.vit_b_tiny,
+            "device": str(device),
+            "repeats_vit_b": args.repeats_vit_b,
+            "vit_b_batch": args.vit_b_batch,
+            "vit_b_train_batch": args.vit_b_train_batch,
+            "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor(),
+        }
+        result["vit_b"] = vit_b_scale(args, device, log)
+        result["wall_s"] = time.perf_counter() - t0
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, out_path)
+        log(f"total wall time {result['wall_s']:.0f} s; raw numbers in {out_path}")
+        return result
+    if args.speed_only:
+        args.stop_after = None
+        if not args.explainer_ckpt and not (args.classifier_ckpt and args.surrogate_ckpt):
+            raise SystemExit("--speed-only needs --explainer-ckpt, or --classifier-ckpt and --surrogate-ckpt")
     clf, model, info = train_all(args, cfg, out_dir, log)
     result["training"] = info
+    if args.speed_only:
+        result["settings"]["speed_only"] = True
+        result["settings"]["explainer_weights"] = args.explainer_ckpt or "untrained (timing only)"
+        log("speed only (no fidelity) ...")
+        result["speed"] = speed_only(cfg, model, device, log)
+        result["wall_s"] = time.perf_counter() - t0
+        tmp = out_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, out_path)
+        log(f"total wall time {result['wall_s']:.0f} s; raw numbers in {out_path}")
+        return result
+    if args.stop_after:
+        if args.stop_after == "exact":
+            dm = DigitsDataModule(image_size=8, channels=1, seed=0)
+            dm.setup()
+            x = dm.test_set.tensors[0][: cfg["images"]].to(device)
+            exact_values(model.to(device), x, "test", cfg["exact_chunk"], Path(cfg["exact_cache"]), log)
+        log(f"stopped after {args.stop_after} ({time.perf_counter() - t0:.0f} s); no JSON written")
+        return result
     log("fidelity and speed ...")
     result["fidelity"] = fidelity_and_speed(args, cfg, model, device, log)
     log("cost ...")

@@ -1,14 +1,21 @@
-"""Tuning runs of AutoGnothi's stage 2 on digits: one explainer setting per call, fidelity on a few test images.
+"""Tuning runs of AutoGnothi's stage 2 on digits: one explainer setting per call, fidelity on validation images.
 
-How the digits settings of ``benchmarks/explain.py`` were chosen (table in ``docs/methods/autognothi.md``).
+How the digits settings of ``benchmarks/explain.py`` are chosen (table in ``docs/methods/autognothi.md``).
+Settings are scored on the **validation split** and reported by ``benchmarks/explain.py`` on the test split,
+which tuning never reads. ``DigitsDataModule(seed=0)`` draws the 359 test images first (stratified), then 180
+validation images from the rest (``val_fraction=0.1``); the remaining 1,258 images train the classifier, the
+surrogate and the explainer. The validation images are used by no training step (Lightning's validation loop
+only logs their loss; nothing is selected on it).
+
 Protocol, printed with the result:
 
-* the frozen classifier is the backbone stored in an AutoGnothi checkpoint written by ``benchmarks/explain.py``
-  (``--backbone-from``, default ``benchmarks/results/explain_cpu_runs/explainer.ckpt``);
-* stage 1 (surrogate) is trained once per side ratio (AdamW 2e-3, cosine, ``--surrogate-epochs``) and cached under
-  ``--work``, or given with ``--surrogate``;
-* the exact Shapley values of that surrogate for the first ``--images`` test images (all 2^16 subsets) are cached
-  under ``--work`` too, so a further setting costs only its training;
+* the frozen classifier and the stage-1 surrogate are those of ``benchmarks/explain.py`` (``--backbone-from``:
+  its ``classifier.ckpt`` or any AutoGnothi checkpoint; ``--surrogate``: its ``surrogate.ckpt``), so the tuned
+  explainer explains the same value function the benchmark reports on; without ``--surrogate`` one is trained
+  per side ratio (AdamW 2e-3, cosine, ``--surrogate-epochs``) and cached under ``--work``;
+* the exact Shapley values of that surrogate for the first ``--images`` images of ``--split`` (all 2^16
+  subsets) are cached per image (``--exact-cache``; ``--only-exact`` only fills it, and several processes
+  fill it together), so a further setting costs only its training;
 * stage 2 is trained with the given side ratio, paired masks per image, epochs, learning rate (AdamW, cosine),
   head width and depth, batch size; the line ``RESULT {...}`` gives its training time, validation loss and the
   median / mean Pearson r of phi against the exact values on the predicted class; it is appended to
@@ -16,11 +23,12 @@ Protocol, printed with the result:
 
 Usage::
 
+    python benchmarks/explain.py --stop-after surrogate          # classifier.ckpt, surrogate.ckpt
     python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 8 --epochs 45 --lr 2e-3
-    python benchmarks/explain_tuning.py --side-ratio 4 --mask-samples 32 --epochs 15        # the old default
+    python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 32 --epochs 15 --lr 1e-3
 
-With 16 images the median moves by about 0.01 between seeds: use it to rank settings, and
-``benchmarks/explain.py`` (100 images) for the figures.
+With 32 images the median moves by about 0.01 between seeds: use it to rank settings, and
+``benchmarks/explain.py`` (100 test images) for the figures.
 """
 
 from __future__ import annotations
@@ -57,12 +65,22 @@ def main(argv: list[str] | None = None) -> dict:
     import lightning as L
 
     from lightning_eff.data import DigitsDataModule
-    from lightning_eff.explain import AutoGnothi, exact_shapley
+    from lightning_eff.explain import AutoGnothi
+    from lightning_eff.models import ImageClassifier
 
     bench = _load_explain_benchmark()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone-from", default="benchmarks/results/explain_cpu_runs/explainer.ckpt")
-    p.add_argument("--surrogate", default=None, help="a stage-1 checkpoint (default: train and cache one)")
+    p.add_argument(
+        "--backbone-from",
+        default="benchmarks/results/explain_cpu_runs/classifier.ckpt",
+        help="the frozen classifier: an ImageClassifier checkpoint (explain.py's classifier.ckpt) or an "
+        "AutoGnothi checkpoint (its backbone)",
+    )
+    p.add_argument(
+        "--surrogate",
+        default=None,
+        help="a stage-1 checkpoint, e.g. explain.py's surrogate.ckpt (default: train and cache one)",
+    )
     p.add_argument("--surrogate-epochs", type=int, default=40)
     p.add_argument("--side-ratio", type=int, default=1)
     p.add_argument("--mask-samples", type=int, default=8)
@@ -72,10 +90,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hidden", type=int, default=256, help="explainer MLP width")
     p.add_argument("--head-layers", type=int, default=1, help="side blocks in the explainer head")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--images", type=int, default=32, help="images of --split scored")
+    p.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="images scored: val (choose settings here) or test (only to check a choice afterwards)",
+    )
+    p.add_argument("--exact-cache", default=None, help="folder of cached exact values (default <work>/exact)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="outputs/benchmarks/explain_tuning")
+    p.add_argument(
+        "--score-ckpt",
+        default=None,
+        help="score this stage-2 checkpoint (written by an earlier call) instead of training one; give the "
+        "setting's flags too, so that the result line names it",
+    )
+    p.add_argument(
+        "--only-exact",
+        action="store_true",
+        help="cache the exact values of the scored images and stop (run once before parallel settings)",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -85,10 +121,21 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(args.backbone_from):
         raise SystemExit(
             f"--backbone-from {args.backbone_from!r} does not exist: run python benchmarks/explain.py first "
-            "(it writes <out>_runs/explainer.ckpt) or point to another AutoGnothi checkpoint."
+            "(it writes <out>_runs/classifier.ckpt; --stop-after surrogate is enough) or point to another "
+            "ImageClassifier or AutoGnothi checkpoint."
+        )
+    if args.split == "test":
+        warnings.warn(
+            "explain_tuning.py --split test scores settings on the reported test images: use it only to check a "
+            "choice made on --split val, never to make one.",
+            stacklevel=1,
         )
     print("protocol: " + json.dumps(vars(args)), flush=True)
-    vit = AutoGnothi.load_from_checkpoint(args.backbone_from, map_location="cpu").backbone
+    state = torch.load(args.backbone_from, map_location="cpu", weights_only=False)["state_dict"]
+    if any(k.startswith("surrogate_branch.") for k in state):
+        vit = AutoGnothi.load_from_checkpoint(args.backbone_from, map_location="cpu").backbone
+    else:
+        vit = ImageClassifier.load_from_checkpoint(args.backbone_from, map_location="cpu").net
     dm = DigitsDataModule(image_size=8, channels=1, batch_size=args.batch_size, seed=0)
     dm.setup()
 
@@ -118,30 +165,32 @@ def main(argv: list[str] | None = None) -> dict:
         num_heatmaps=0,
     )
     model.ensure_loaded()
-    x = dm.test_set.tensors[0][: args.images]
-    exact_path = work / f"exact_{Path(s_path).stem}_{args.images}.pt"
-    if exact_path.is_file():
-        exact = torch.load(exact_path)
-    else:
-        start = time.perf_counter()
-        with torch.no_grad():
-            exact = torch.stack(
-                [
-                    exact_shapley(
-                        model.value_function(x[i : i + 1]), model.num_players, chunk_size=8192
-                    ).float()
-                    for i in range(len(x))
-                ]
-            )
-        tmp = exact_path.with_suffix(".tmp")
-        torch.save(exact, tmp)
-        os.replace(tmp, exact_path)
-        print(f"exact Shapley values of {len(x)} images: {time.perf_counter() - start:.0f} s", flush=True)
+    split = dm.val_set if args.split == "val" else dm.test_set
+    x = split.tensors[0][: args.images]
+    cache = Path(args.exact_cache or work / "exact")
 
-    t = trainer(args.epochs, check_val_every_n_epoch=args.epochs)
-    start = time.perf_counter()
-    t.fit(model, dm)
-    train_s = time.perf_counter() - start
+    def exact_values():  # computed (with any other process filling the same cache) after the training
+        return bench.exact_values(model, x, args.split, 8192, cache, lambda m: print(m, flush=True))
+
+    if args.only_exact:
+        return {"exact": list(exact_values().shape)}
+
+    tag = (
+        f"ratio{args.side_ratio}_m{args.mask_samples}_e{args.epochs}_lr{args.lr:g}_h{args.hidden}"
+        f"_l{args.head_layers}_b{args.batch_size}_s{args.seed}"
+    )
+    ckpt = Path(args.score_ckpt) if args.score_ckpt else work / f"explainer_{tag}.ckpt"
+    if args.score_ckpt:  # score a setting trained earlier (its training time and val loss are in its log)
+        model = AutoGnothi.load_from_checkpoint(args.score_ckpt, map_location="cpu")
+        train_s, val_loss = float("nan"), float("nan")
+    else:
+        t = trainer(args.epochs, check_val_every_n_epoch=args.epochs)
+        start = time.perf_counter()
+        t.fit(model, dm)
+        train_s = time.perf_counter() - start
+        val_loss = float(t.callback_metrics.get("explainer/val_loss", float("nan")))
+        t.save_checkpoint(str(ckpt))  # the chosen setting's model can be reported as is (--explainer-ckpt)
+    exact = exact_values()
     model.eval()
     with torch.no_grad():
         out = model(x)
@@ -152,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         **vars(args),
         "surrogate": s_path,
+        "explainer_ckpt": str(ckpt),
         "train_s": round(train_s, 1),
-        "val_loss": float(t.callback_metrics.get("explainer/val_loss", float("nan"))),
+        "val_loss": val_loss,
         "r_median": statistics.median(rs),
         "r_mean": statistics.fmean(rs),
     }

@@ -293,3 +293,29 @@ def test_insertion_deletion_by_hand_and_against_random_order():
     assert good.insertion_auc > rand.insertion_auc and good.deletion_auc < rand.deletion_auc
     with pytest.raises(ValueError, match="give the explained class as `target`"):
         insertion_deletion_auc(values, weights)
+
+
+def test_kernel_shap_from_samples_batches_games_and_matches_exact():
+    from lightning_eff.explain import kernel_shap_from_samples
+
+    games = [table_game(6, num_classes=2, seed=s) for s in (3, 4, 5)]
+    masks = shapley_kernel_masks(3, 6, 20_000, generator=torch.Generator().manual_seed(0))
+    values = torch.stack([fn(m) for (fn, _), m in zip(games, masks)])
+    empty = torch.stack([t[0] for _, t in games])
+    full = torch.stack([t[-1] for _, t in games])
+    phi = kernel_shap_from_samples(masks, values, empty, full)
+    assert phi.shape == (3, 6, 2)
+    for (fn, table), est, m in zip(games, phi, masks):
+        torch.testing.assert_close(est.sum(0), table[-1] - table[0])  # efficiency per game
+        assert (est - exact_shapley(fn, 6)).abs().max() < 0.05  # each game against its own exact values
+        # the same solve as one game at a time (kernel_shap draws these masks for seed 0 only for game 0)
+        torch.testing.assert_close(est, kernel_shap_from_samples(m, fn(m), table[0], table[-1]))
+    swapped = kernel_shap_from_samples(masks, values.flip(0), empty, full)  # values of the wrong games
+    assert (swapped[0] - exact_shapley(games[0][0], 6)).abs().max() > 0.1
+    single = kernel_shap(games[0][0], 6, 64, generator=torch.Generator().manual_seed(7))
+    m7 = shapley_kernel_masks(1, 6, 64, generator=torch.Generator().manual_seed(7))[0]
+    torch.testing.assert_close(
+        single, kernel_shap_from_samples(m7, games[0][0](m7), games[0][1][0], games[0][1][-1])
+    )
+    with pytest.raises(ValueError, match="share their leading shape"):
+        kernel_shap_from_samples(masks, values[:2], empty, full)

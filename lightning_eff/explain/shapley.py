@@ -71,6 +71,7 @@ __all__ = [
     "exact_shapley",
     "insertion_deletion_auc",
     "kernel_shap",
+    "kernel_shap_from_samples",
     "normalize_efficiency",
     "shapley_kernel_masks",
     "shapley_kernel_size_probs",
@@ -453,16 +454,59 @@ def kernel_shap(
     )
     out = value_fn(torch.cat([ends, masks]))
     squeeze = out.ndim == 1
-    values = out.detach().reshape(num_samples + 2, -1).to(torch.float64)
-    v0, v1, vs = values[0], values[1], values[2:]
-    z = masks.to(torch.float64)
-    a = z.T @ z / num_samples  # [N, N]
-    b = z.T @ (vs - v0) / num_samples  # [N, C]
-    a_inv_b = torch.linalg.lstsq(a, b).solution
-    a_inv_1 = torch.linalg.lstsq(a, torch.ones(num_players, 1, dtype=torch.float64, device=a.device)).solution
-    gap = (a_inv_b.sum(0) - (v1 - v0)) / a_inv_1.sum()
-    phi = (a_inv_b - a_inv_1 * gap).to(out.dtype if out.is_floating_point() else torch.float32)
+    values = out.detach().reshape(num_samples + 2, -1)
+    phi = kernel_shap_from_samples(masks, values[2:], values[0], values[1])
+    phi = phi.to(out.dtype if out.is_floating_point() else torch.float32)
     return phi.squeeze(1) if squeeze else phi
+
+
+def kernel_shap_from_samples(masks: Tensor, values: Tensor, empty: Tensor, full: Tensor) -> Tensor:
+    """The constrained least-squares solve of (E6) from given kernel masks and their values, batched.
+
+    :func:`kernel_shap` is this solve after one call of the value function; giving masks and values lets many
+    games be evaluated together (e.g. the masked inputs of many images in one batched model pass) and solved
+    at once.
+
+    Args:
+        masks: Shapley-kernel masks ``[..., S, N]`` (from :func:`shapley_kernel_masks`, paired).
+        values: ``v(m)`` for each mask, ``[..., S, C]``.
+        empty: ``v(0)``, ``[..., C]``.
+        full: ``v(1)``, ``[..., C]``.
+
+    Returns:
+        ``phi`` ``[..., N, C]`` in float64; ``sum_i phi_i = v(1) - v(0)`` exactly.
+
+    Example::
+
+        >>> w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]], dtype=torch.float64)  # two additive games
+        >>> m = shapley_kernel_masks(2, 3, 8, generator=torch.Generator().manual_seed(0))
+        >>> v = (m.double() * w.unsqueeze(1)).sum(-1, keepdim=True)
+        >>> phi = kernel_shap_from_samples(m, v, torch.zeros(2, 1), w.sum(-1, keepdim=True))
+        >>> torch.allclose(phi[..., 0], w)
+        True
+    """
+    fn = "kernel_shap_from_samples"
+    if masks.ndim < 2 or values.shape[:-1] != masks.shape[:-1]:
+        raise ValueError(
+            f"{fn}: `masks` [..., S, N] and `values` [..., S, C] must share their leading shape; got "
+            f"{tuple(masks.shape)} and {tuple(values.shape)}."
+        )
+    if empty.shape != values.shape[:-2] + values.shape[-1:] or full.shape != empty.shape:
+        raise ValueError(
+            f"{fn}: `empty` and `full` must be [..., C] = {tuple(values.shape[:-2] + values.shape[-1:])}; got "
+            f"{tuple(empty.shape)} and {tuple(full.shape)}."
+        )
+    num_samples, num_players = masks.shape[-2:]
+    z = masks.to(torch.float64)
+    v0, v1 = empty.to(torch.float64), full.to(torch.float64)
+    vs = values.to(torch.float64)
+    a = z.transpose(-1, -2) @ z / num_samples  # [..., N, N]
+    b = z.transpose(-1, -2) @ (vs - v0.unsqueeze(-2)) / num_samples  # [..., N, C]
+    a_inv_b = torch.linalg.lstsq(a, b).solution
+    ones = torch.ones(*a.shape[:-1], 1, dtype=torch.float64, device=a.device)
+    a_inv_1 = torch.linalg.lstsq(a, ones).solution  # [..., N, 1]
+    gap = (a_inv_b.sum(-2) - (v1 - v0)) / a_inv_1.sum(-2)  # [..., C]
+    return a_inv_b - a_inv_1 * gap.unsqueeze(-2)
 
 
 # --------------------------------------------------------------------------------------------------
