@@ -58,8 +58,10 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -88,6 +90,8 @@ class Job:
     tiny_cap_s: float = 300.0
     requires: tuple[str, ...] = ()
     out_flag: str | None = "--out"
+    #: the script's flag for a resume/work folder: the suite passes a fresh temporary one per run
+    work_dir_flag: str | None = None
     readme: str = ""
     notes: str = ""
 
@@ -250,6 +254,7 @@ JOBS: tuple[Job, ...] = (
         tiny_args=("--device", "{device}", "--quick", "--parts", "updates"),
         cap_s=40,
         requires=("--model", "paper", "--parts", "--update-rounds"),
+        work_dir_flag="--work-dir",
         readme="Think2Drive section (GPU protocol 'has not been run')",
     ),
 )
@@ -314,6 +319,12 @@ def run_job(job: Job, args, out_dir: Path, cap: float, root: Path = ROOT) -> Out
         cmd += [job.out_flag, str(json_path)]
     if args.threads and _has_flag(job.script, "--threads", root):
         cmd += ["--threads", str(args.threads)]
+    # A script that resumes from a work dir (rl.py) gets a fresh one: a stale partial result of an earlier
+    # run with the same arguments would otherwise be read back instead of measured.
+    work_dir = None
+    if job.work_dir_flag is not None and _has_flag(job.script, job.work_dir_flag, root):
+        work_dir = tempfile.mkdtemp(prefix=f"gpu_suite_{job.name}_")
+        cmd += [job.work_dir_flag, work_dir]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -332,6 +343,9 @@ def run_job(job: Job, args, out_dir: Path, cap: float, root: Path = ROOT) -> Out
             os.killpg(proc.pid, signal.SIGKILL)  # the job and the processes it started
             proc.wait()
             rc, status = None, "timeout"
+        finally:
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu0
     tail = _tail(log_path)
     if rc == 2 and re.search(r"unrecognized arguments|invalid choice", tail):
