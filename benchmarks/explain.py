@@ -116,6 +116,27 @@ def timed(fn, device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def timed_round(runs: dict, device: torch.device, rotation: int, times: dict, per: int = 1) -> dict:
+    """One interleaved round: every callable of ``runs`` once, the order rotated by ``rotation`` so that load
+    from other jobs hits all alike. Appends each call's seconds / ``per`` to ``times[name]``; returns the outputs.
+    """
+    names = list(runs)
+    start = rotation % len(names)
+    outputs = {}
+    for name in names[start:] + names[:start]:
+        dt, outputs[name] = timed(runs[name], device)
+        times.setdefault(name, []).append(dt / per)
+    return outputs
+
+
+def batched_runs(model: AutoGnothi, x_all: Tensor, budgets, device: torch.device) -> dict:
+    """AutoGnothi on all images in one batch, and KernelSHAP at each budget with all images' evaluations in one pass."""
+    runs = {"autognothi": lambda: model(x_all).phi}
+    for b in budgets:
+        runs[f"ks{b}"] = functools.partial(kernel_shap_batched, model, x_all, b, device)
+    return runs
+
+
 def pearson(a: Tensor, b: Tensor) -> float:
     a, b = a.double().flatten().cpu(), b.double().flatten().cpu()
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
@@ -449,12 +470,7 @@ def fidelity_and_speed(args, cfg: dict, model: AutoGnothi, device: torch.device,
             }
             if has_shap:
                 runs["shap_kernel"] = shap_explainer(fn, pred, n, cfg["kernel_samples"])
-            names = list(runs)
-            names = names[i % len(names) :] + names[: i % len(names)]
-            results = {}
-            for name in names:
-                dt, results[name] = timed(runs[name], device)
-                times[name].append(dt)
+            results = timed_round(runs, device, i, times)
             phi = results["autognothi"].float().cpu()
             full = fn(torch.ones(1, n, dtype=torch.bool, device=device))[0].cpu()
             empty = fn(torch.zeros(1, n, dtype=torch.bool, device=device))[0].cpu()
@@ -528,17 +544,10 @@ def batched_comparison(
     equal = [b for b in cfg["kernel_budgets"] if med([row[f"ks{b}_r"] for row in rows]) >= ag_r]
     budgets = sorted({*equal[:1], cfg["kernel_samples"]})
     k = len(x_all)
-    runs = {"autognothi": lambda: model(x_all).phi}
-    for b in budgets:
-        runs[f"ks{b}"] = functools.partial(kernel_shap_batched, model, x_all, b, device)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    last: dict[str, Tensor] = {}
+    runs = batched_runs(model, x_all, budgets, device)
+    times: dict[str, list[float]] = {}
     for rep in range(cfg["batched_repeats"]):
-        names = list(runs)
-        names = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in names:
-            dt, last[name] = timed(runs[name], device)
-            times[name].append(dt / k)
+        last = timed_round(runs, device, rep, times, per=k)
     ag_s = med(times["autognothi"])
     out: dict[str, Any] = {
         "images": k,
@@ -597,24 +606,13 @@ def speed_only(cfg: dict, model: AutoGnothi, device: torch.device, log) -> dict:
                     generator=torch.Generator(device=device).manual_seed(i),
                     device=device,
                 )
-            names = list(runs)
-            names = names[i % len(names) :] + names[: i % len(names)]
-            for name in names:
-                dt, est = timed(runs[name], device)
-                single[name].append(dt)
-                if name != "autognothi":
-                    per_image_est[int(name[2:])].append(est.float().cpu())
-        batched_runs = {"autognothi": lambda: model(x_all).phi}
-        for b in budgets:
-            batched_runs[f"ks{b}"] = functools.partial(kernel_shap_batched, model, x_all, b, device)
-        batched: dict[str, list[float]] = {name: [] for name in batched_runs}
-        last: dict[str, Tensor] = {}
+            est = timed_round(runs, device, i, single)
+            for b in budgets:
+                per_image_est[b].append(est[f"ks{b}"].float().cpu())
+        runs = batched_runs(model, x_all, budgets, device)
+        batched: dict[str, list[float]] = {}
         for rep in range(cfg["batched_repeats"]):
-            names = list(batched_runs)
-            names = names[rep % len(names) :] + names[: rep % len(names)]
-            for name in names:
-                dt, last[name] = timed(batched_runs[name], device)
-                batched[name].append(dt / k)
+            last = timed_round(runs, device, rep, batched, per=k)
     ag1, agb = med(single["autognothi"]), med(batched["autognothi"])
     out: dict[str, Any] = {
         "images": k,
