@@ -10,9 +10,12 @@ STAMP  := $(VENV)/.installed-stamp
 # .pth that appends the main venv's site-packages (torch, lightning, ... are shared, not reinstalled) and that
 # installs only these pins, which shadow the main venv's. `make test-oldest` runs the transformers-facing
 # tests (marker `transformers_compat`) there; .ci/run calls it after `make test`.
+# kernels is pinned too: transformers 5.25+ depends on kernels 0.19 (which needs huggingface_hub >= 1.32), and
+# transformers 4.53 imports kernels whenever it is installed, so the shared, newer kernels would break it.
+# kernels 0.8.1 is the release of transformers 4.53's time (huggingface_hub >=0.26,<1).
 OLDEST_VENV  ?= .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
-OLDEST_TRANSFORMERS := transformers==4.53.3 tokenizers==0.21.4 huggingface_hub==0.34.4
+OLDEST_TRANSFORMERS := transformers==4.53.3 tokenizers==0.21.4 huggingface_hub==0.34.4 kernels==0.8.1
 
 .PHONY: setup demo demo-ko test test-all test-oldest lint bench clean
 
