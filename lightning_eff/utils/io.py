@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_bytes", "save_versioned", "load_versioned"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "save_versioned", "load_versioned"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -31,6 +31,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """:func:`atomic_write_bytes` of ``text`` encoded as ``encoding``."""
+    return atomic_write_bytes(path, text.encode(encoding))
 
 
 def save_versioned(path: str | os.PathLike, fmt: str, version: int, payload: dict[str, Any]) -> Path:
