@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,26 @@ def wandb_offline(tmp_path, monkeypatch):
 def _run_dir(root: Path) -> Path:
     runs = sorted((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run under {root / 'wandb'}, found {[r.name for r in runs]}"
+    _wait_for_exit_record(runs[0])
     return runs[0]
+
+
+def _wait_for_exit_record(run: Path, timeout: float = 120.0) -> None:
+    """Wait until the run's transaction log ends with its ``exit`` record.
+
+    ``wandb.finish()`` (0.31, wandb-core) can return before the service has flushed the offline log: right
+    after it the ``.wandb`` file was seen empty, complete a few seconds later (more often on a loaded machine).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in _log_records(run)):
+                return
+        except (AssertionError, ValueError):  # no log yet, or only its first bytes
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no exit record in {run} {timeout:.0f} s after wandb.finish()")
+        time.sleep(0.2)
 
 
 _BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) records
@@ -71,16 +91,22 @@ def _log_records(run: Path) -> list:
 
 
 def _stored_config(run: Path) -> dict:
-    """The run's config as ``{key: value}`` (``files/config.yaml`` if written, else the log's records)."""
-    path = run / "files" / "config.yaml"
-    if path.exists():
-        return {k: v["value"] for k, v in yaml.safe_load(path.read_text()).items() if isinstance(v, dict)}
+    """The run's config as ``{key: value}``: the log's config records, then ``files/config.yaml`` if written.
+
+    Both are read because under load the service can leave a ``config.yaml`` written at ``init`` (without the
+    later ``config.update`` keys) when ``wandb.finish`` returns, while the transaction log has every update.
+    """
     config = {}
     for record in _log_records(run):
         kind = record.WhichOneof("record_type")
         items = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
         for item in items:
             config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    path = run / "files" / "config.yaml"
+    if path.exists():
+        config.update(
+            {k: v["value"] for k, v in (yaml.safe_load(path.read_text()) or {}).items() if isinstance(v, dict)}
+        )
     return config
 
 
