@@ -12,8 +12,9 @@ from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
 from lightning_eff.distill.dm import DistributionMatching
 from lightning_eff.distill.drupi import DRUPI, StaticSet
-from lightning_eff.distill.evaluate import (
+from lightning_eff.distill.evaluation import (
     EvaluationResult,
+    StudentProtocol,
     SyntheticEvalCallback,
     evaluate_synthetic,
     evaluate_synthetic_sets,
@@ -47,6 +48,7 @@ __all__ = [
     "CutMix",
     "evaluate_synthetic",
     "evaluate_synthetic_sets",
+    "StudentProtocol",
     "EvaluationResult",
     "SyntheticEvalCallback",
     "NCFM",
