@@ -46,8 +46,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_eff.explain.backbones import load_backbone, load_backbone_weights, make_adapter
 from lightning_eff.explain.players import PlayerLayout
@@ -59,7 +58,8 @@ from lightning_eff.explain.shapley import (
     uniform_size_masks,
 )
 from lightning_eff.explain.side import ATTENTION_MODES, ExplainerHead, SideBranch
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.distributed import ProcessGroupCleanup
+from lightning_eff.utils.hparams import save_plain_hyperparameters
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "AutoGnothi", "ExplainOutput"]
 
@@ -96,7 +96,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-class AutoGnothi(L.LightningModule):
+class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
     """Self-explaining classifier: frozen backbone + ladder side branches for a surrogate and a Shapley explainer.
 
     Args:
@@ -284,36 +284,13 @@ class AutoGnothi(L.LightningModule):
     # hyperparameters
     # ------------------------------------------------------------------------------------------
     def _save_plain_hyperparameters(self, **plain: Any) -> None:
-        from lightning_eff.models.classifier import (
-            _INSTANTIATOR,
-            _callable_config,
-            _given_cli_hparams,
-            _net_config,
+        save_plain_hyperparameters(
+            self,
+            plain,
+            nets={"backbone": self._backbone_arg if isinstance(self._backbone_arg, str) else self.backbone},
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
         )
-
-        if _given_cli_hparams() is not None:
-            self.save_hyperparameters()
-            return
-        hparams: dict[str, Any] = {**plain, "_instantiator": _INSTANTIATOR}
-        if isinstance(self._backbone_arg, str):
-            hparams["backbone"] = self._backbone_arg
-        else:
-            config = _net_config(self.backbone)
-            if config is None:
-                rank_zero_warn(
-                    f"AutoGnothi: the backbone ({type(self.backbone).__name__}) has no `get_config()`, so it is not saved "
-                    f"as a hyperparameter; pass it when reloading: `AutoGnothi.load_from_checkpoint(path, backbone=...)`."
-                )
-            else:
-                hparams["backbone"] = config
-        opt = _callable_config(self.optimizer, (Optimizer,))
-        if opt is not None:
-            hparams["optimizer"] = opt
-        if self.lr_scheduler is not None:
-            sched = _callable_config(self.lr_scheduler, (LRScheduler, ReduceLROnPlateau))
-            if sched is not None:
-                hparams["lr_scheduler"] = sched
-        self.save_hyperparameters(hparams)
 
     # ------------------------------------------------------------------------------------------
     # properties and mode
@@ -358,7 +335,7 @@ class AutoGnothi(L.LightningModule):
         Both are loaded lazily so that a config may name files that an earlier command writes; a resumed run or
         ``load_from_checkpoint`` restores them from the checkpoint instead.
         """
-        destroy_process_group_at_exit()
+        super().setup(stage)  # ProcessGroupCleanup
         self.ensure_loaded()
 
     def ensure_loaded(self) -> None:

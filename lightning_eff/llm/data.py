@@ -21,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_eff.llm.arithmetic import DEFAULT_PROMPT
+
 __all__ = [
     "DEFAULT_PROMPT",
     "IGNORE_INDEX",
@@ -30,8 +32,6 @@ __all__ = [
     "InstructionDataModule",
 ]
 
-#: The prompt the answer follows (Data Whisperer's GSM8K demonstration format).
-DEFAULT_PROMPT = "Question: {question}\nAnswer:\n"
 #: Label of tokens that do not count in the loss (prompt and padding).
 IGNORE_INDEX = -100
 

@@ -236,7 +236,7 @@ def icl_task_tokenizer(vocab_size: int = 320):
         >>> tok.convert_ids_to_tokens(tok("Code of K?", add_special_tokens=False)["input_ids"])
         ['Code', 'Ġof', 'ĠK', '?']
     """
-    from lightning_eff.llm.data import DEFAULT_PROMPT
+    from lightning_eff.llm.arithmetic import DEFAULT_PROMPT
     from lightning_eff.llm.tokenization import train_bpe_tokenizer
 
     texts = [d["question"] + d["answer"] for d in icl_meta_training_records(300, seed=12345)]

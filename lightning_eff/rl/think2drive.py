@@ -69,7 +69,7 @@ from lightning_eff.rl.dreamer import (
     unimix_logits,
 )
 from lightning_eff.rl.policies import Policy
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.distributed import ProcessGroupCleanup
 
 __all__ = ["Think2Drive", "AgentPolicy"]
 
@@ -92,7 +92,7 @@ def _number(name: str, value: Any, low: float, high: float, low_open: bool = Fal
     return float(value)
 
 
-class Think2Drive(L.LightningModule):
+class Think2Drive(ProcessGroupCleanup, L.LightningModule):
     """Dreamer-style world-model RL for driving (see the module docstring).
 
     Args:
@@ -240,7 +240,7 @@ class Think2Drive(L.LightningModule):
 
     # -- checks ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()
+        super().setup(stage)  # ProcessGroupCleanup
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "num_actions"):
             return

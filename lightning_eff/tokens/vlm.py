@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.distributed import ProcessGroupCleanup
 
 __all__ = ["TinyVLM", "DEFAULT_DECODER"]
 
@@ -41,7 +41,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-class TinyVLM(L.LightningModule):
+class TinyVLM(ProcessGroupCleanup, L.LightningModule):
     """Image patches as tokens in a Llama decoder, trained to answer the image's class.
 
     Args:
@@ -182,9 +182,6 @@ class TinyVLM(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
-
-    def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()  # clean gloo teardown under ddp_spawn
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(
