@@ -71,11 +71,11 @@ def test_resume_continues_training_state(tmp_path):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="horizon must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="`horizon` must be an int >= 1, got 0"):
         Think2Drive(**{**TINY_MODEL, "horizon": 0})
     with pytest.raises(ValueError, match="bev_size must be 4 \\* 2\\*\\*k"):
         Think2Drive(**{**TINY_MODEL, "bev_size": 24})
-    with pytest.raises(ValueError, match="gamma must be a number in"):
+    with pytest.raises(ValueError, match=r"`gamma` must be in \[0.0, 1.0\]"):
         Think2Drive(**{**TINY_MODEL, "gamma": 1.5})
     with pytest.raises(ValueError, match="unknown scenario 'moon' in scenarios"):
         DrivingDataModule(scenarios=["moon"])
