@@ -25,6 +25,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
+from lightning_eff.utils.checks import check_float, check_int
+
 __all__ = ["DEFAULT_PROMPT", "ICL_PROMPT_PHRASES", "arithmetic_corpus", "generate_arithmetic"]
 
 #: The prompt the answer follows (Data Whisperer's GSM8K demonstration format).
@@ -145,14 +147,11 @@ def generate_arithmetic(
         >>> sum(e["corrupted"] for e in generate_arithmetic(100, seed=0, noise=0.25))
         25
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
-        raise ValueError(f"generate_arithmetic: `num_examples` must be an int >= 0, got {num_examples!r}.")
-    if isinstance(max_operand, bool) or not isinstance(max_operand, int) or max_operand < 2:
-        raise ValueError(f"generate_arithmetic: `max_operand` must be an int >= 2, got {max_operand!r}.")
+    check_int(num_examples, "num_examples", minimum=0, owner="generate_arithmetic")
+    check_int(max_operand, "max_operand", minimum=2, owner="generate_arithmetic")
     if max_steps not in (1, 2) or isinstance(max_steps, bool):
         raise ValueError(f"generate_arithmetic: `max_steps` must be 1 or 2, got {max_steps!r}.")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-        raise ValueError(f"generate_arithmetic: `noise` must be a float in [0, 1], got {noise!r}.")
+    check_float(noise, "noise", low=0.0, high=1.0, owner="generate_arithmetic")
     rng = random.Random(seed)
     # Exactly round(noise * n) corrupted examples, at seeded positions.
     n_noisy = round(noise * num_examples)

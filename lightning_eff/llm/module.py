@@ -32,6 +32,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
 from lightning_eff.llm.metrics import METRICS, exact_match, extract_answer, rouge_l_f1
+from lightning_eff.utils.checks import check_int
 from lightning_eff.utils.distributed import ProcessGroupCleanup
 from lightning_eff.utils.hparams import save_plain_hyperparameters
 
@@ -230,8 +231,7 @@ class CausalLMModule(ProcessGroupCleanup, L.LightningModule):
             )
         if metric not in METRICS:
             raise ValueError(f"{name}: `metric` must be one of {tuple(METRICS)}, got {metric!r}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"{name}: `max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
+        check_int(max_new_tokens, "max_new_tokens", minimum=1, owner=name)
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"{name}: `dtype` must be one of {tuple(DTYPES)} or None, got {dtype!r}.")
         self.model_spec = copy.deepcopy(model)

@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from lightning_eff.utils.checks import check_int
+
 __all__ = ["train_bpe_tokenizer", "arithmetic_tokenizer", "load_tokenizer", "BUILTIN_TOKENIZERS"]
 
 #: Names :func:`load_tokenizer` understands besides local paths.
@@ -49,8 +51,7 @@ def train_bpe_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 260:
-        raise ValueError(f"train_bpe_tokenizer: `vocab_size` must be an int >= 260, got {vocab_size!r}.")
+    check_int(vocab_size, "vocab_size", minimum=260, owner="train_bpe_tokenizer")
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if individual_digits:
