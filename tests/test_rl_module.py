@@ -81,7 +81,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         DrivingDataModule(scenarios=["moon"])
     with pytest.raises(TypeError, match="list of scenario names"):
         DrivingDataModule(scenarios="merge")
-    with pytest.raises(ValueError, match="train_ratio must be a positive number"):
+    with pytest.raises(ValueError, match=r"`train_ratio` must be in \(0.0, inf\]"):
         DrivingDataModule(train_ratio=0)
     with pytest.raises(ValueError, match="num_actions=25 but the environment's action table has 35 actions"):
         _cli(tmp_path, "--trainer.fast_dev_run=1", "--model.init_args.num_actions=25")

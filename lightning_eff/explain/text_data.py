@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.checks import check_float, check_int
 
 __all__ = ["SyntheticTextDataModule", "TokenDataset"]
 
@@ -100,8 +100,9 @@ class SyntheticTextDataModule(L.LightningDataModule):
         self.min_len = check_int(min_len, "min_len", minimum=3, owner="SyntheticTextDataModule")
         self.max_len = check_int(max_len, "max_len", minimum=min_len, owner="SyntheticTextDataModule")
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
-                raise ValueError(f"SyntheticTextDataModule: `{name}` must be in (0, 1), got {frac!r}.")
+            check_float(
+                frac, name, low=0.0, high=1.0, low_open=True, high_open=True, owner="SyntheticTextDataModule"
+            )
         if val_fraction + test_fraction >= 1:
             raise ValueError("SyntheticTextDataModule: `val_fraction` + `test_fraction` must be < 1.")
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)

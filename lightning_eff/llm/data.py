@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_eff.llm.arithmetic import DEFAULT_PROMPT
-from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.checks import check_float, check_int
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -333,8 +333,7 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"{name}: `num_train` must be an int >= 1 for generated data, got None.")
         check_int(num_val, "num_val", minimum=0, owner=name)
         check_int(num_test, "num_test", minimum=0, owner=name)
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-            raise ValueError(f"{name}: `noise` must be a float in [0, 1], got {noise!r}.")
+        check_float(noise, "noise", low=0.0, high=1.0, owner=name)
         check_int(max_operand, "max_operand", minimum=2, owner=name)
         if max_steps not in (1, 2) or isinstance(max_steps, bool):
             raise ValueError(f"{name}: `max_steps` must be 1 or 2, got {max_steps!r}.")

@@ -37,7 +37,7 @@ import random
 import string
 from dataclasses import dataclass
 
-from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.checks import check_float, check_int
 
 __all__ = [
     "CORRUPTIONS",
@@ -140,8 +140,7 @@ def generate_lookup_task(
     owner = "generate_lookup_task"
     check_int(num_examples, "num_examples", minimum=0, owner=owner)
     check_int(num_keys, "num_keys", minimum=1, maximum=len(_LETTERS), owner=owner)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-        raise ValueError(f"{owner}: `noise` must be a float in [0, 1], got {noise!r}.")
+    check_float(noise, "noise", low=0.0, high=1.0, owner=owner)
     if corruption not in CORRUPTIONS:
         raise ValueError(f"{owner}: `corruption` must be one of {CORRUPTIONS}, got {corruption!r}.")
     task = LookupTask.draw(task_seed, num_keys)
@@ -203,8 +202,7 @@ def icl_meta_training_records(
     check_int(num_episodes, "num_episodes", minimum=0, owner=owner)
     check_int(n_demos, "n_demos", minimum=1, owner=owner)
     check_int(n_queries, "n_queries", minimum=1, owner=owner)
-    if isinstance(match_queries, bool) or not isinstance(match_queries, (int, float)) or not 0 <= match_queries <= 1:
-        raise ValueError(f"{owner}: `match_queries` must be a float in [0, 1], got {match_queries!r}.")
+    check_float(match_queries, "match_queries", low=0.0, high=1.0, owner=owner)
     t = icl_task_template() if template is None else template
     rng = random.Random(f"lookup-meta-{seed}")
     out = []

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_eff.rl.replay import TerminationPriorityReplay
-from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.checks import check_float, check_int
 
 __all__ = ["DrivingDataModule", "ExperienceStream", "EVAL_SEED_OFFSET"]
 
@@ -170,8 +170,7 @@ class DrivingDataModule(L.LightningDataModule):
                     f"{sequence_length}: most termination-priority sequences would miss the terminal step; set "
                     f"termination_window <= {sequence_length} or leave it unset (= sequence_length)."
                 )
-        if isinstance(train_ratio, bool) or not isinstance(train_ratio, (int, float)) or train_ratio <= 0:
-            raise ValueError(f"DrivingDataModule: train_ratio must be a positive number, got {train_ratio!r}.")
+        check_float(train_ratio, "train_ratio", low=0.0, low_open=True, owner="DrivingDataModule")
         self.save_hyperparameters()
         self.env_name = env_name
         self.scenarios = list(scenarios)
