@@ -16,6 +16,9 @@ What this adds to a plain ``LightningCLI``:
   by class path, and by short name for the ones this package defines (``--model ImageClassifier``,
   ``--data DigitsDataModule``, ``--optimizer KO``): every component package is imported before
   parsing so that jsonargparse can resolve them.
+* A short name that a lightning-eff class shares with a class of another installed package resolves to the
+  lightning-eff one (``--model.net MLP`` is :class:`lightning_eff.models.MLP`, not ``torchvision.ops.MLP``);
+  a full class path still picks any class. lightning-eff's own class names are unique.
 * OmegaConf interpolation in YAML (``parser_mode="omegaconf"``): write a value once and reference it
   (``${data.init_args.image_size}``).
 * Config saving that does not fail when a second run writes into the same folder (with
@@ -27,15 +30,24 @@ What this adds to a plain ``LightningCLI``:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-__all__ = ["LightningEffCLI", "LoggerSaveConfigCallback", "COMPONENT_PACKAGES", "EXTRA_SUBCOMMANDS", "main"]
+__all__ = [
+    "LightningEffCLI",
+    "LoggerSaveConfigCallback",
+    "COMPONENT_PACKAGES",
+    "EXTRA_SUBCOMMANDS",
+    "main",
+    "prefer_own_short_names",
+]
 
 #: Packages whose classes become available by short name on the command line. A package that is
 #: not written yet (the library grows one method at a time) is skipped; one that exists but fails
@@ -62,6 +74,56 @@ def import_components() -> list[str]:
             importlib.import_module(name)
             imported.append(name)
     return imported
+
+
+@contextlib.contextmanager
+def prefer_own_short_names() -> Iterator[None]:
+    """While active, jsonargparse resolves a short class name shared by several classes to lightning-eff's.
+
+    jsonargparse refuses a short name that several imported subclasses of the expected type share ("Multiple
+    subclasses with name MLP"); torchvision's ``torchvision.ops.MLP`` is imported with the ViT that
+    :mod:`lightning_eff.explain` builds on. Among the candidates, exactly one from ``lightning_eff`` wins; any
+    other ambiguity is still jsonargparse's error. Without jsonargparse's resolver (another version) this is a
+    no-op.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> import torchvision.ops, lightning_eff.models
+        >>> from jsonargparse import _typehints
+        >>> with prefer_own_short_names():
+        ...     _typehints.resolve_class_path_by_name(nn.Module, "MLP")
+        'lightning_eff.models.MLP'
+    """
+    try:
+        from jsonargparse import _typehints
+    except ImportError:  # pragma: no cover - jsonargparse is a dependency of LightningCLI
+        yield
+        return
+    original = getattr(_typehints, "resolve_class_path_by_name", None)
+    find = getattr(_typehints, "get_all_subclass_paths", None)
+    if original is None or find is None or getattr(original, "_prefers_lightning_eff", False):
+        yield
+        return
+
+    def resolve(cls: Any, name: str) -> str:
+        try:
+            return original(cls, name)
+        except ValueError:
+            if isinstance(cls, tuple) or "." in name:
+                raise
+            same = [p for p in find(cls) if p.rsplit(".", 1)[1] == name]
+            own = [p for p in same if p.split(".", 1)[0] == __name__.split(".", 1)[0]]
+            if len(own) != 1:
+                raise
+            return own[0]
+
+    resolve._prefers_lightning_eff = True  # type: ignore[attr-defined]
+    _typehints.resolve_class_path_by_name = resolve
+    try:
+        yield
+    finally:
+        _typehints.resolve_class_path_by_name = original
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -92,7 +154,7 @@ class LightningEffCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("parser_mode", "omegaconf")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), prefer_own_short_names():
             # With ``--optimizer`` given, LightningCLI replaces the module's own
             # ``configure_optimizers``: that is what the user asked for, not a problem.
             warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by.*")

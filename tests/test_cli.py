@@ -83,6 +83,84 @@ def test_short_class_names_resolve(tmp_path):
     assert isinstance(opt, KO) and opt.defaults["collision_rate"] == 0.05
 
 
+def test_model_net_mlp_resolves_to_the_image_mlp(tmp_path):
+    """`--model.net MLP`: torchvision.ops.MLP (imported with explain's ViT) shares the name; ours wins."""
+    import torch.nn as nn
+    from jsonargparse import _typehints
+
+    from lightning_eff.models import MLP
+
+    cli = LightningEffCLI(
+        run=False,
+        args=[
+            "--model=ImageClassifier",
+            "--model.net=MLP",
+            "--model.net.in_channels=1",
+            "--model.net.image_size=8",
+            "--model.net.hidden_sizes=[16]",
+            "--data=DigitsDataModule",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    assert type(cli.model.net) is MLP and cli.model.net.hidden_sizes == (16,)
+    # the clash is real: plain jsonargparse refuses the short name (so the test above can fail)
+    with pytest.raises(ValueError, match="Multiple subclasses with name MLP"):
+        _typehints.resolve_class_path_by_name(nn.Module, "MLP")
+
+
+def _library_classes() -> list[type]:
+    import importlib
+    import pkgutil
+
+    import lightning_eff
+
+    classes = {}
+    for info in pkgutil.walk_packages(lightning_eff.__path__, "lightning_eff."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and obj.__module__ == info.name and not name.startswith("_"):
+                classes[obj] = None  # an alias (rl.dreamer's MLP = DreamerMLP) is the same class
+    return list(classes)
+
+
+def test_class_names_of_the_library_are_unique():
+    """Two lightning-eff classes with one name would make that short name ambiguous on the command line."""
+    seen: dict[str, list[str]] = {}
+    for cls in _library_classes():
+        seen.setdefault(cls.__name__, []).append(f"{cls.__module__}.{cls.__qualname__}")
+    assert not {n: p for n, p in seen.items() if len(p) > 1}
+
+
+def test_every_component_class_resolves_by_its_short_name():
+    """Each nn.Module / LightningModule / DataModule / Callback / Optimizer of the library, by short name,
+    is itself, also where a third-party class (torchvision.ops.MLP, torchvision's ViT Encoder) shares it."""
+    import lightning as L
+    import torch
+    from jsonargparse import _typehints
+    from jsonargparse._util import import_object
+
+    from lightning_eff.cli import import_components, prefer_own_short_names
+
+    import_components()
+    bases = (torch.nn.Module, L.LightningModule, L.LightningDataModule, L.Callback, torch.optim.Optimizer)
+    checked, wrong = 0, []
+    with prefer_own_short_names():
+        for cls in _library_classes():
+            for base in bases:
+                if issubclass(cls, base) and not getattr(cls, "__abstractmethods__", None):
+                    checked += 1
+                    try:
+                        got = import_object(_typehints.resolve_class_path_by_name(base, cls.__name__))
+                    except ValueError as err:
+                        got = err
+                    if got is not cls:
+                        wrong.append(f"{cls.__module__}.{cls.__name__} as {base.__name__}: {got}")
+    assert checked > 30 and not wrong, wrong
+
+
 def test_bad_optimizer_argument_is_a_clear_error(tmp_path):
     args = [
         "--config",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_eff.optim import KO, collide, condensation_stats, hard_collide
+from lightning_eff.utils.distributed import ProcessGroupCleanup
 
 
 # ---------------------------------------------------------------- reference formulas, written out
@@ -450,17 +451,20 @@ def test_lightning_checkpoint_resume_continues_the_same_trajectory(tmp_path):
         assert torch.equal(a, b)
 
 
-class _DDPCheck(_Boring):
-    """Each rank starts from a different global seed; KO's seed=None must be broadcast."""
+class _DDPCheck(ProcessGroupCleanup, _Boring):
+    """Each rank starts from a different global seed; KO's seed=None must be broadcast.
+
+    ``ProcessGroupCleanup`` (as the library's modules): its ``setup`` registers the clean gloo teardown in each
+    spawned rank."""
 
     def __init__(self, out):
         super().__init__(noise=5e-2, seed=None)
         self.out = out
 
     def on_fit_start(self):
-        from lightning_eff.utils.distributed import destroy_process_group_at_exit
+        from lightning_eff.utils import distributed
 
-        destroy_process_group_at_exit()  # what the library's modules do in setup (clean gloo teardown)
+        assert distributed._REGISTERED, "ProcessGroupCleanup.setup did not run in this rank"
         torch.manual_seed(1000 + self.global_rank)
 
     def on_train_end(self):

@@ -179,6 +179,24 @@ def test_bpe_tokenizer_roundtrip_offsets_and_digits(tok):
     assert len(small) <= 270
 
 
+def test_builtin_tokenizer_phrases_are_data_whisperers_prompt(tok):
+    """The phrases handed to the built-in tokenizer (llm/arithmetic.py) are those of select's default ICL prompt,
+    and the tokenizer encodes each of them in few tokens (what they are in its corpus for)."""
+    from lightning_eff.llm import ICL_PROMPT_PHRASES, arithmetic_corpus
+    from lightning_eff.select.prompts import ICLTemplate, build_icl_prompt
+
+    records = [{"question": f"q{i}?", "answer": f"#### {i}"} for i in range(3)]
+    prompt = build_icl_prompt(records[:1], records).text + ICLTemplate().format_answers(["1", "2", "3"])
+    for phrase in ICL_PROMPT_PHRASES:
+        assert phrase in prompt
+    corpus = arithmetic_corpus()
+    assert corpus[-len(ICL_PROMPT_PHRASES) :] == list(ICL_PROMPT_PHRASES)
+    bare = train_bpe_tokenizer(arithmetic_corpus(phrases=()), vocab_size=512)
+    n_with = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in ICL_PROMPT_PHRASES)
+    n_without = sum(len(bare(p, add_special_tokens=False)["input_ids"]) for p in ICL_PROMPT_PHRASES)
+    assert n_with < n_without
+
+
 def test_collator_loss_mask_and_prompts(tok):
     collate = InstructionCollator(tok)
     items = [

@@ -107,7 +107,7 @@ def test_stage_configs_compose_with_the_real_cli(tmp_path):
     from lightning_eff.distill import NCFM, SDC, StaticSet, SyntheticSet
     from lightning_eff.models import ImageClassifier
     from lightning_eff.optim import KO
-    from lightning_eff.pipeline import _write_overrides
+    from lightning_eff.pipeline.runner import _write_overrides
 
     p = Pipeline.load(FLAGSHIP, output_dir=tmp_path / "out")
     # StaticSet checks at construction that the set it starts from exists: stand in for the distill stage

@@ -140,7 +140,7 @@ def test_static_raster_matches_direct_drawing():
 
 
 def test_rasterizer_bad_arguments():
-    with pytest.raises(ValueError, match="size must be an int >= 4"):
+    with pytest.raises(ValueError, match="`size` must be an int >= 4"):
         BEVRasterizer(size=2)
     with pytest.raises(ValueError, match="resolution must be a positive number"):
         BEVRasterizer(resolution=0)

@@ -71,17 +71,17 @@ def test_resume_continues_training_state(tmp_path):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="horizon must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="`horizon` must be an int >= 1, got 0"):
         Think2Drive(**{**TINY_MODEL, "horizon": 0})
     with pytest.raises(ValueError, match="bev_size must be 4 \\* 2\\*\\*k"):
         Think2Drive(**{**TINY_MODEL, "bev_size": 24})
-    with pytest.raises(ValueError, match="gamma must be a number in"):
+    with pytest.raises(ValueError, match=r"`gamma` must be in \[0.0, 1.0\]"):
         Think2Drive(**{**TINY_MODEL, "gamma": 1.5})
     with pytest.raises(ValueError, match="unknown scenario 'moon' in scenarios"):
         DrivingDataModule(scenarios=["moon"])
     with pytest.raises(TypeError, match="list of scenario names"):
         DrivingDataModule(scenarios="merge")
-    with pytest.raises(ValueError, match="train_ratio must be a positive number"):
+    with pytest.raises(ValueError, match=r"`train_ratio` must be in \(0.0, inf\]"):
         DrivingDataModule(train_ratio=0)
     with pytest.raises(ValueError, match="num_actions=25 but the environment's action table has 35 actions"):
         _cli(tmp_path, "--trainer.fast_dev_run=1", "--model.init_args.num_actions=25")

@@ -111,7 +111,7 @@ def test_bits_round_trip_and_checkpoint():
 def test_replay_bad_arguments():
     with pytest.raises(ValueError, match="termination_fraction must be in"):
         TerminationPriorityReplay(100, 1, SHAPE, 2, termination_fraction=1.5)
-    with pytest.raises(ValueError, match="termination_window must be None or an int >= 1"):
+    with pytest.raises(ValueError, match="`termination_window` must be an int >= 1"):
         TerminationPriorityReplay(100, 1, SHAPE, 2, termination_window=0)
     with pytest.raises(ValueError, match="capacity"):
         TerminationPriorityReplay(3, 2, SHAPE, 2)

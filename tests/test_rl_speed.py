@@ -97,5 +97,5 @@ def test_imagine_last_starts_from_the_last_steps_of_each_sequence():
     model.hparams.imagine_last = 0  # all steps
     start, cont = model.imagination_starts(post, batch["terminal"])
     assert start.deter.shape[0] == 18 and cont.shape == (18,)
-    with pytest.raises(ValueError, match="imagine_last must be an int >= 0"):
+    with pytest.raises(ValueError, match="`imagine_last` must be an int >= 0"):
         Think2Drive(**{**MODEL, "imagine_last": -1})

@@ -131,7 +131,7 @@ def test_selector_budget_errors():
         DART()
     with pytest.raises(ValueError, match="exactly one of `num_kept`"):
         Random(num_kept=3, keep_ratio=0.5)
-    with pytest.raises(ValueError, match=r"`keep_ratio` must be a float in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"`keep_ratio` must be in \(0.0, 1.0\], got 1.5"):
         Pool(keep_ratio=1.5)
     with pytest.raises(ValueError, match="`num_kept` must be an int >= 1, got 0"):
         FastV(num_kept=0)

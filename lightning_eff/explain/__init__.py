@@ -3,7 +3,8 @@
 * :mod:`~lightning_eff.explain.shapley`: exact Shapley values, Shapley-kernel and uniform masks, KernelSHAP,
   the efficiency normalisation, the explainer and surrogate losses, insertion/deletion AUC (plain functions).
 * :class:`AutoGnothi`: the ``LightningModule`` (stage ``"surrogate"`` then ``"explainer"``) around a frozen ViT or
-  BERT-like classifier; :class:`TinyViT` is a small torchvision ViT for the bundled digits.
+  BERT-like classifier; :class:`TinyViT` is a small torchvision ViT for the bundled digits. Its stage-1 checkpoints
+  (format, checked loading) are in :mod:`~lightning_eff.explain.surrogate`.
 * :class:`SyntheticTextDataModule`: generated cue-word sequences for text backbones.
 """
 

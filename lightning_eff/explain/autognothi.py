@@ -44,10 +44,8 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_eff.explain.backbones import load_backbone, load_backbone_weights, make_adapter
 from lightning_eff.explain.players import PlayerLayout
@@ -59,12 +57,13 @@ from lightning_eff.explain.shapley import (
     uniform_size_masks,
 )
 from lightning_eff.explain.side import ATTENTION_MODES, ExplainerHead, SideBranch
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.explain.surrogate import CHECKPOINT_FORMAT_VERSION, load_surrogate_parts
+from lightning_eff.utils.checks import check_choice, check_float, check_int
+from lightning_eff.utils.distributed import ProcessGroupCleanup
+from lightning_eff.utils.hparams import save_plain_hyperparameters
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "AutoGnothi", "ExplainOutput"]
 
-#: Stored as ``checkpoint["autognothi_format"]``; checked when a surrogate checkpoint is loaded.
-CHECKPOINT_FORMAT_VERSION = 1
 STAGES = ("surrogate", "explainer")
 
 
@@ -90,13 +89,7 @@ class ExplainOutput(NamedTuple):
     valid: Tensor
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"AutoGnothi: `{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-class AutoGnothi(L.LightningModule):
+class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
     """Self-explaining classifier: frozen backbone + ladder side branches for a surrogate and a Shapley explainer.
 
     Args:
@@ -159,8 +152,7 @@ class AutoGnothi(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if stage not in STAGES:
-            raise ValueError(f"AutoGnothi: `stage` must be one of {STAGES}, got {stage!r}.")
+        check_choice(stage, "stage", STAGES, owner="AutoGnothi")
         if stage == "explainer" and not surrogate_checkpoint:
             raise ValueError(
                 "AutoGnothi: stage 'explainer' needs `surrogate_checkpoint`, the path of a checkpoint written by a "
@@ -170,26 +162,18 @@ class AutoGnothi(L.LightningModule):
             raise TypeError(
                 f"AutoGnothi: `surrogate_checkpoint` must be a path string, got {surrogate_checkpoint!r}."
             )
-        if attention_masking not in ATTENTION_MODES:
-            raise ValueError(
-                f"AutoGnothi: `attention_masking` must be one of {ATTENTION_MODES}, got {attention_masking!r}."
-            )
-        _check_int("side_ratio", side_ratio, 1)
-        _check_int("explainer_layers", explainer_layers, 0)
-        _check_int("explainer_hidden_dim", explainer_hidden_dim, 1)
-        _check_int("num_mask_samples", num_mask_samples, 2)
+        check_choice(attention_masking, "attention_masking", ATTENTION_MODES, owner="AutoGnothi")
+        check_int(side_ratio, "side_ratio", minimum=1, owner="AutoGnothi")
+        check_int(explainer_layers, "explainer_layers", minimum=0, owner="AutoGnothi")
+        check_int(explainer_hidden_dim, "explainer_hidden_dim", minimum=1, owner="AutoGnothi")
+        check_int(num_mask_samples, "num_mask_samples", minimum=2, owner="AutoGnothi")
         if num_mask_samples % 2:
             raise ValueError(
                 f"AutoGnothi: `num_mask_samples` must be even (masks come in complementary pairs), got {num_mask_samples}."
             )
-        _check_int("masked_chunk_size", masked_chunk_size, 1)
-        _check_int("num_heatmaps", num_heatmaps, 0)
-        if (
-            isinstance(side_dropout, bool)
-            or not isinstance(side_dropout, (int, float))
-            or not 0 <= side_dropout < 1
-        ):
-            raise ValueError(f"AutoGnothi: `side_dropout` must be a float in [0, 1), got {side_dropout!r}.")
+        check_int(masked_chunk_size, "masked_chunk_size", minimum=1, owner="AutoGnothi")
+        check_int(num_heatmaps, "num_heatmaps", minimum=0, owner="AutoGnothi")
+        check_float(side_dropout, "side_dropout", low=0.0, high=1.0, high_open=True, owner="AutoGnothi")
         if not isinstance(normalize, bool):
             raise TypeError(f"AutoGnothi: `normalize` must be a bool, got {normalize!r}.")
         if not callable(optimizer):
@@ -234,7 +218,9 @@ class AutoGnothi(L.LightningModule):
                 f"AutoGnothi: `side_ratio`={side_ratio} must divide the backbone width {hidden}."
             )
         self.side_dim = hidden // side_ratio
-        heads = self.adapter.num_heads if side_heads is None else _check_int("side_heads", side_heads, 1)
+        heads = self.adapter.num_heads
+        if side_heads is not None:
+            heads = check_int(side_heads, "side_heads", minimum=1, owner="AutoGnothi")
         if self.side_dim % heads:
             raise ValueError(
                 f"AutoGnothi: the side width {self.side_dim} (= {hidden} / side_ratio {side_ratio}) is not divisible by "
@@ -284,36 +270,13 @@ class AutoGnothi(L.LightningModule):
     # hyperparameters
     # ------------------------------------------------------------------------------------------
     def _save_plain_hyperparameters(self, **plain: Any) -> None:
-        from lightning_eff.models.classifier import (
-            _INSTANTIATOR,
-            _callable_config,
-            _given_cli_hparams,
-            _net_config,
+        save_plain_hyperparameters(
+            self,
+            plain,
+            nets={"backbone": self._backbone_arg if isinstance(self._backbone_arg, str) else self.backbone},
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
         )
-
-        if _given_cli_hparams() is not None:
-            self.save_hyperparameters()
-            return
-        hparams: dict[str, Any] = {**plain, "_instantiator": _INSTANTIATOR}
-        if isinstance(self._backbone_arg, str):
-            hparams["backbone"] = self._backbone_arg
-        else:
-            config = _net_config(self.backbone)
-            if config is None:
-                rank_zero_warn(
-                    f"AutoGnothi: the backbone ({type(self.backbone).__name__}) has no `get_config()`, so it is not saved "
-                    f"as a hyperparameter; pass it when reloading: `AutoGnothi.load_from_checkpoint(path, backbone=...)`."
-                )
-            else:
-                hparams["backbone"] = config
-        opt = _callable_config(self.optimizer, (Optimizer,))
-        if opt is not None:
-            hparams["optimizer"] = opt
-        if self.lr_scheduler is not None:
-            sched = _callable_config(self.lr_scheduler, (LRScheduler, ReduceLROnPlateau))
-            if sched is not None:
-                hparams["lr_scheduler"] = sched
-        self.save_hyperparameters(hparams)
 
     # ------------------------------------------------------------------------------------------
     # properties and mode
@@ -358,7 +321,7 @@ class AutoGnothi(L.LightningModule):
         Both are loaded lazily so that a config may name files that an earlier command writes; a resumed run or
         ``load_from_checkpoint`` restores them from the checkpoint instead.
         """
-        destroy_process_group_at_exit()
+        super().setup(stage)  # ProcessGroupCleanup
         self.ensure_loaded()
 
     def ensure_loaded(self) -> None:
@@ -383,54 +346,8 @@ class AutoGnothi(L.LightningModule):
         """
         if self.stage != "explainer":
             raise RuntimeError("AutoGnothi.load_surrogate: only a stage 'explainer' model loads a surrogate.")
-        if not path or not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"AutoGnothi: `surrogate_checkpoint`={path!r} does not exist; train stage 1 first "
-                f"(lightning-eff fit --config <surrogate config>) and point to its checkpoint."
-            )
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        version = ckpt.get("autognothi_format", CHECKPOINT_FORMAT_VERSION) if isinstance(ckpt, dict) else None
-        state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict) or version != CHECKPOINT_FORMAT_VERSION:
-            raise ValueError(
-                f"AutoGnothi: {path!r} is not an AutoGnothi checkpoint (format {CHECKPOINT_FORMAT_VERSION})."
-            )
         parts = {"surrogate_branch": self.surrogate_branch, "surrogate_head": self.surrogate_head}
-        for prefix, module in parts.items():
-            sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-            if not sub:
-                raise ValueError(
-                    f"AutoGnothi: {path!r} holds no `{prefix}`; is it a stage 'surrogate' checkpoint?"
-                )
-            own = module.state_dict()
-            bad = [k for k in own if k not in sub or sub[k].shape != own[k].shape]
-            if bad or len(sub) != len(own):
-                raise ValueError(
-                    f"AutoGnothi: the `{prefix}` in {path!r} does not match this model (first mismatch: "
-                    f"{(bad or sorted(set(sub) - set(own)))[0]!r}); use the same backbone, side_ratio and side_heads "
-                    f"as stage 1."
-                )
-        backbone_state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-        if backbone_state:
-            own = self.backbone.state_dict()
-            differs = [
-                k
-                for k, v in own.items()
-                if k not in backbone_state or not torch.equal(backbone_state[k].to(v.device), v)
-            ]
-            if differs:
-                raise ValueError(
-                    f"AutoGnothi: the surrogate in {path!r} was trained on a different backbone (first differing "
-                    f"tensor: {differs[0]!r}); stage 2 must explain the same frozen classifier as stage 1."
-                )
-        else:
-            rank_zero_warn(
-                f"AutoGnothi: {path!r} stores no backbone weights; cannot check it matches this backbone."
-            )
-        for prefix, module in parts.items():
-            module.load_state_dict(
-                {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-            )
+        load_surrogate_parts(path, parts, self.backbone)
         # stage 2 starts from the surrogate's side branch (official `_conv_surrogate_explainer`)
         self.explainer_branch.load_state_dict(self.surrogate_branch.state_dict())
         self.surrogate_branch.requires_grad_(False)

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
+from lightning_eff.utils.checks import check_int
+
 __all__ = ["BackboneAdapter", "TinyViT", "load_backbone", "load_backbone_weights", "make_adapter"]
 
 _MULTIPLY = "autognothi_multiply"
@@ -71,8 +73,7 @@ class TinyViT(VisionTransformer):
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
     ) -> None:
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"TinyViT: `in_channels` must be a positive int, got {in_channels!r}.")
+        check_int(in_channels, "in_channels", minimum=1, owner="TinyViT")
         if image_size % patch_size:
             raise ValueError(f"TinyViT: `patch_size`={patch_size} must divide `image_size`={image_size}.")
         super().__init__(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from typing import Any
 
 import torch  # noqa: F401 (the doctests use it)
 from torch import Tensor
+
+from lightning_eff.utils.io import atomic_write_bytes
 
 __all__ = ["HEATMAP_FORMAT_VERSION", "log_figure", "save_figure_png", "shapley_heatmap_figure"]
 
@@ -78,7 +80,8 @@ def shapley_heatmap_figure(
 
 
 def save_figure_png(fig: Any, path: str, metadata: dict[str, str] | None = None) -> str:
-    """Save ``fig`` as PNG at ``path`` atomically (temp file + ``os.replace``), with a format version in its metadata.
+    """Save ``fig`` as PNG at ``path`` atomically (:func:`~lightning_eff.utils.io.atomic_write_bytes`), with a
+    format version in its metadata.
 
     Example::
 
@@ -87,20 +90,13 @@ def save_figure_png(fig: Any, path: str, metadata: dict[str, str] | None = None)
         >>> save_figure_png(fig, path) == path and os.path.getsize(path) > 0
         True
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     meta = {"lightning_eff_format": str(HEATMAP_FORMAT_VERSION), **(metadata or {})}
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PNG the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata=meta)
+    atomic_write_bytes(path, buffer.getvalue())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # the temp file was created 0600; give the PNG the usual permissions
     return path
 
 

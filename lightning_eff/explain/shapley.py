@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_eff.utils.checks import check_int
+
 __all__ = [
     "MAX_EXACT_PLAYERS",
     "InsertionDeletion",
@@ -87,14 +89,6 @@ MAX_EXACT_PLAYERS = 24
 # --------------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------------
-def _check_int(fn: str, name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: `{name}` must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{fn}: `{name}` must be an int >= {minimum}, got {value}.")
-    return value
-
-
 def _check_valid(fn: str, valid: Tensor | None, batch_size: int, num_players: int, device) -> Tensor:
     """A boolean ``[B, N]`` mask of valid players (all ``True`` when ``valid`` is ``None``)."""
     if valid is None:
@@ -127,7 +121,7 @@ def all_subsets(num_players: int, device: torch.device | str | None = None) -> T
         >>> all_subsets(2).int().tolist()
         [[0, 0], [1, 0], [0, 1], [1, 1]]
     """
-    _check_int("all_subsets", "num_players", num_players, 0)
+    check_int(num_players, "num_players", minimum=0, owner="all_subsets")
     rows = torch.arange(2**num_players, device=device)
     bits = torch.arange(num_players, device=device)
     return (rows.unsqueeze(1) >> bits).bitwise_and(1).bool()
@@ -164,13 +158,13 @@ def exact_shapley(
     fn = "exact_shapley"
     if not callable(value_fn):
         raise TypeError(f"{fn}: `value_fn` must be callable mask [M, N] -> values [M, C], got {value_fn!r}.")
-    _check_int(fn, "num_players", num_players, 1)
+    check_int(num_players, "num_players", minimum=1, owner=fn)
     if num_players > MAX_EXACT_PLAYERS:
         raise ValueError(
             f"{fn}: `num_players`={num_players} needs 2^{num_players} evaluations; at most {MAX_EXACT_PLAYERS} "
             f"players are allowed. Use `kernel_shap` to estimate larger games."
         )
-    _check_int(fn, "chunk_size", chunk_size, 1)
+    check_int(chunk_size, "chunk_size", minimum=1, owner=fn)
     masks = all_subsets(num_players, device=device)
     total = masks.shape[0]
     starts = range(0, total, chunk_size)
@@ -221,7 +215,7 @@ def shapley_kernel_size_probs(num_players: int, dtype: torch.dtype = torch.float
         >>> shapley_kernel_size_probs(4)
         tensor([0.3636, 0.2727, 0.3636], dtype=torch.float64)
     """
-    _check_int("shapley_kernel_size_probs", "num_players", num_players, 2)
+    check_int(num_players, "num_players", minimum=2, owner="shapley_kernel_size_probs")
     k = torch.arange(1, num_players, dtype=dtype)
     p = 1.0 / (k * (num_players - k))
     return p / p.sum()
@@ -257,9 +251,9 @@ def shapley_kernel_masks(
         (torch.Size([2, 4, 5]), True, True)
     """
     fn = "shapley_kernel_masks"
-    _check_int(fn, "batch_size", batch_size, 1)
-    _check_int(fn, "num_players", num_players, 2)
-    _check_int(fn, "num_samples", num_samples, 2)
+    check_int(batch_size, "batch_size", minimum=1, owner=fn)
+    check_int(num_players, "num_players", minimum=2, owner=fn)
+    check_int(num_samples, "num_samples", minimum=2, owner=fn)
     if num_samples % 2:
         raise ValueError(
             f"{fn}: `num_samples` must be even (each mask is paired with its complement), got {num_samples}."
@@ -313,8 +307,8 @@ def uniform_size_masks(
         (torch.Size([4, 6]), torch.bool)
     """
     fn = "uniform_size_masks"
-    _check_int(fn, "batch_size", batch_size, 1)
-    _check_int(fn, "num_players", num_players, 1)
+    check_int(batch_size, "batch_size", minimum=1, owner=fn)
+    check_int(num_players, "num_players", minimum=1, owner=fn)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     valid = _check_valid(fn, valid, batch_size, num_players, device)

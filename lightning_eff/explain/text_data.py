@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_eff.utils.checks import check_float, check_int
+
 __all__ = ["SyntheticTextDataModule", "TokenDataset"]
 
 PAD, CLS, SEP = 0, 1, 2
@@ -43,13 +45,6 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int]:
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}, int(self.labels[i])
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"SyntheticTextDataModule: `{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
-
 
 class SyntheticTextDataModule(L.LightningDataModule):
     """Generated cue-word classification (see the module docstring); splits are seeded and fixed.
@@ -91,21 +86,29 @@ class SyntheticTextDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        self.num_samples = _check_int("num_samples", num_samples, 10)
-        self.num_classes = _check_int("num_classes", num_classes, 2)
-        self.words_per_class = _check_int("words_per_class", words_per_class, 1)
-        self.vocab_size = _check_int("vocab_size", vocab_size, 3 + num_classes * words_per_class + 1)
-        self.min_len = _check_int("min_len", min_len, 3)
-        self.max_len = _check_int("max_len", max_len, min_len)
+        self.num_samples = check_int(num_samples, "num_samples", minimum=10, owner="SyntheticTextDataModule")
+        self.num_classes = check_int(num_classes, "num_classes", minimum=2, owner="SyntheticTextDataModule")
+        self.words_per_class = check_int(
+            words_per_class, "words_per_class", minimum=1, owner="SyntheticTextDataModule"
+        )
+        self.vocab_size = check_int(
+            vocab_size,
+            "vocab_size",
+            minimum=3 + num_classes * words_per_class + 1,
+            owner="SyntheticTextDataModule",
+        )
+        self.min_len = check_int(min_len, "min_len", minimum=3, owner="SyntheticTextDataModule")
+        self.max_len = check_int(max_len, "max_len", minimum=min_len, owner="SyntheticTextDataModule")
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
-                raise ValueError(f"SyntheticTextDataModule: `{name}` must be in (0, 1), got {frac!r}.")
+            check_float(
+                frac, name, low=0.0, high=1.0, low_open=True, high_open=True, owner="SyntheticTextDataModule"
+            )
         if val_fraction + test_fraction >= 1:
             raise ValueError("SyntheticTextDataModule: `val_fraction` + `test_fraction` must be < 1.")
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.seed = _check_int("seed", seed, 0)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.seed = check_int(seed, "seed", minimum=0, owner="SyntheticTextDataModule")
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1, owner="SyntheticTextDataModule")
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0, owner="SyntheticTextDataModule")
         self.save_hyperparameters()
         self.train_set: TokenDataset | None = None
         self.val_set: TokenDataset | None = None

@@ -8,7 +8,7 @@
 * :class:`CausalLMModule`: fine-tunes any ``transformers`` causal LM (local path or tiny config), optional LoRA.
 """
 
-from lightning_eff.llm.arithmetic import generate_arithmetic
+from lightning_eff.llm.arithmetic import ICL_PROMPT_PHRASES, arithmetic_corpus, generate_arithmetic
 from lightning_eff.llm.data import (
     DEFAULT_PROMPT,
     IGNORE_INDEX,
@@ -29,12 +29,14 @@ from lightning_eff.llm.tokenization import arithmetic_tokenizer, load_tokenizer,
 
 __all__ = [
     "DEFAULT_PROMPT",
+    "ICL_PROMPT_PHRASES",
     "IGNORE_INDEX",
     "CausalLMModule",
     "InstructionCollator",
     "InstructionDataModule",
     "InstructionDataset",
     "SavePretrained",
+    "arithmetic_corpus",
     "arithmetic_tokenizer",
     "build_causal_lm",
     "exact_match",

@@ -12,14 +12,38 @@ non-negative integer.
 ``noise`` makes a fraction of the examples wrong: the last calculation's result (and so the final
 answer) is replaced by a different number. Such label noise is what data selection is for; it is off
 by default.
+
+The arithmetic texts also define the built-in ``"arithmetic-bpe"`` tokenizer
+(:func:`~lightning_eff.llm.tokenization.arithmetic_tokenizer`): :func:`arithmetic_corpus` is its training corpus,
+the problems in the :data:`DEFAULT_PROMPT` format plus :data:`ICL_PROMPT_PHRASES`, the fixed phrases of Data
+Whisperer's default in-context prompt (:class:`lightning_eff.select.prompts.PromptTemplate`), so that those prompts
+tokenize compactly too.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["generate_arithmetic"]
+from lightning_eff.utils.checks import check_float, check_int
+
+__all__ = ["DEFAULT_PROMPT", "ICL_PROMPT_PHRASES", "arithmetic_corpus", "generate_arithmetic"]
+
+#: The prompt the answer follows (Data Whisperer's GSM8K demonstration format).
+DEFAULT_PROMPT = "Question: {question}\nAnswer:\n"
+
+#: The fixed phrases of Data Whisperer's default in-context prompt (``lightning_eff.select.prompts``), handed to
+#: the built-in tokenizer's corpus by :func:`arithmetic_corpus`.
+ICL_PROMPT_PHRASES: tuple[str, ...] = (
+    "Solve each math question step by step. End each solution with '#### <number>'.\n",
+    "Below are some demonstrations of how to format your answers:\n",
+    "\nNow answer the following questions in the same format, each starting with 'Question <k> Answer:'.\n",
+    'Question 1: "',
+    "\nAnswers:\n",
+    "Question 1 Answer: ",
+    "Question 2 Answer: ",
+    "Question 3 Answer: ",
+)
 
 _NAMES = (
     "Tom", "Anna", "Ben", "Mia", "Leo", "Sara", "Omar", "Lina", "Jack", "Emma",
@@ -123,14 +147,11 @@ def generate_arithmetic(
         >>> sum(e["corrupted"] for e in generate_arithmetic(100, seed=0, noise=0.25))
         25
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
-        raise ValueError(f"generate_arithmetic: `num_examples` must be an int >= 0, got {num_examples!r}.")
-    if isinstance(max_operand, bool) or not isinstance(max_operand, int) or max_operand < 2:
-        raise ValueError(f"generate_arithmetic: `max_operand` must be an int >= 2, got {max_operand!r}.")
+    check_int(num_examples, "num_examples", minimum=0, owner="generate_arithmetic")
+    check_int(max_operand, "max_operand", minimum=2, owner="generate_arithmetic")
     if max_steps not in (1, 2) or isinstance(max_steps, bool):
         raise ValueError(f"generate_arithmetic: `max_steps` must be 1 or 2, got {max_steps!r}.")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-        raise ValueError(f"generate_arithmetic: `noise` must be a float in [0, 1], got {noise!r}.")
+    check_float(noise, "noise", low=0.0, high=1.0, owner="generate_arithmetic")
     rng = random.Random(seed)
     # Exactly round(noise * n) corrupted examples, at seeded positions.
     n_noisy = round(noise * num_examples)
@@ -156,3 +177,22 @@ def generate_arithmetic(
             }
         )
     return out
+
+
+def arithmetic_corpus(phrases: Sequence[str] = ICL_PROMPT_PHRASES) -> list[str]:
+    """The training texts of the built-in ``"arithmetic-bpe"`` tokenizer (deterministic).
+
+    3000 problems (seed 2024, operands up to 99) written as ``DEFAULT_PROMPT`` + answer, then each of
+    ``phrases`` 20 times.
+
+    Example::
+
+        >>> texts = arithmetic_corpus()
+        >>> len(texts), texts[0].startswith("Question: "), texts[-1] == ICL_PROMPT_PHRASES[-1]
+        (3160, True, True)
+    """
+    texts = []
+    for ex in generate_arithmetic(3000, seed=2024, max_operand=99):
+        texts.append(DEFAULT_PROMPT.format(question=ex["question"]) + ex["answer"])
+    texts += list(phrases) * 20
+    return texts

@@ -21,6 +21,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_eff.llm.arithmetic import DEFAULT_PROMPT
+from lightning_eff.utils.checks import check_float, check_int
+
 __all__ = [
     "DEFAULT_PROMPT",
     "IGNORE_INDEX",
@@ -30,19 +33,8 @@ __all__ = [
     "InstructionDataModule",
 ]
 
-#: The prompt the answer follows (Data Whisperer's GSM8K demonstration format).
-DEFAULT_PROMPT = "Question: {question}\nAnswer:\n"
 #: Label of tokens that do not count in the loss (prompt and padding).
 IGNORE_INDEX = -100
-
-
-def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: `{name}` must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{owner}: `{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
-
 
 def load_instructions(
     path: str | os.PathLike,
@@ -189,7 +181,7 @@ class InstructionCollator:
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
         self.chat_template = bool(chat_template)
-        self.max_length = _check_int("InstructionCollator", "max_length", max_length, 2)
+        self.max_length = check_int(max_length, "max_length", minimum=2, owner="InstructionCollator")
         self._warned = False
 
     def prompt_text(self, question: str) -> str:
@@ -336,14 +328,13 @@ class InstructionDataModule(L.LightningDataModule):
                 f"{name}: `val_path`/`test_path` need `data_path` (the generated data has its own splits)."
             )
         if num_train is not None:
-            _check_int(name, "num_train", num_train, 1)
+            check_int(num_train, "num_train", minimum=1, owner=name)
         elif data_path is None:
             raise ValueError(f"{name}: `num_train` must be an int >= 1 for generated data, got None.")
-        _check_int(name, "num_val", num_val, 0)
-        _check_int(name, "num_test", num_test, 0)
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-            raise ValueError(f"{name}: `noise` must be a float in [0, 1], got {noise!r}.")
-        _check_int(name, "max_operand", max_operand, 2)
+        check_int(num_val, "num_val", minimum=0, owner=name)
+        check_int(num_test, "num_test", minimum=0, owner=name)
+        check_float(noise, "noise", low=0.0, high=1.0, owner=name)
+        check_int(max_operand, "max_operand", minimum=2, owner=name)
         if max_steps not in (1, 2) or isinstance(max_steps, bool):
             raise ValueError(f"{name}: `max_steps` must be 1 or 2, got {max_steps!r}.")
         if not isinstance(tokenizer, str) and not hasattr(tokenizer, "decode"):
@@ -354,12 +345,12 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(
                 f"{name}: `prompt_template` must be a str containing '{{question}}', got {prompt_template!r}."
             )
-        _check_int(name, "max_length", max_length, 2)
-        _check_int(name, "batch_size", batch_size, 1)
+        check_int(max_length, "max_length", minimum=2, owner=name)
+        check_int(batch_size, "batch_size", minimum=1, owner=name)
         if eval_batch_size is not None:
-            _check_int(name, "eval_batch_size", eval_batch_size, 1)
-        _check_int(name, "num_workers", num_workers, 0)
-        _check_int(name, "seed", seed, 0)
+            check_int(eval_batch_size, "eval_batch_size", minimum=1, owner=name)
+        check_int(num_workers, "num_workers", minimum=0, owner=name)
+        check_int(seed, "seed", minimum=0, owner=name)
         self.data_path = None if data_path is None else os.fspath(data_path)
         self.val_path = None if val_path is None else os.fspath(val_path)
         self.test_path = None if test_path is None else os.fspath(test_path)

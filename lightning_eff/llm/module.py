@@ -28,13 +28,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
 from lightning_eff.llm.metrics import METRICS, exact_match, extract_answer, rouge_l_f1
-from lightning_eff.models.classifier import _INSTANTIATOR, _callable_config, _given_cli_hparams
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.distributed import ProcessGroupCleanup
+from lightning_eff.utils.hparams import save_plain_hyperparameters
 
 __all__ = ["CausalLMModule", "SavePretrained", "build_causal_lm", "score_answer", "eos_token_ids", "DTYPES"]
 
@@ -151,7 +151,7 @@ def build_causal_lm(
     return lm
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(ProcessGroupCleanup, L.LightningModule):
     """Supervised fine-tuning of a causal LM on instruction data, with greedy-generation evaluation.
 
     Batches come from :class:`~lightning_eff.llm.data.InstructionDataModule` (or any DataModule using its
@@ -231,8 +231,7 @@ class CausalLMModule(L.LightningModule):
             )
         if metric not in METRICS:
             raise ValueError(f"{name}: `metric` must be one of {tuple(METRICS)}, got {metric!r}.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"{name}: `max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
+        check_int(max_new_tokens, "max_new_tokens", minimum=1, owner=name)
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"{name}: `dtype` must be one of {tuple(DTYPES)} or None, got {dtype!r}.")
         self.model_spec = copy.deepcopy(model)
@@ -256,30 +255,23 @@ class CausalLMModule(L.LightningModule):
             self.configure_model()
 
     def _save_plain_hyperparameters(self) -> None:
-        if _given_cli_hparams() is not None:
-            self.save_hyperparameters()
-            return
-        hparams: dict[str, Any] = {
-            "model": self.model_spec,
-            "tokenizer": self.tokenizer_spec,
-            "lora": self.lora,
-            "metric": self.metric,
-            "max_new_tokens": self.max_new_tokens,
-            "generate_eval": self.generate_eval,
-            "dtype": self.dtype_name,
-            "attn_implementation": self.attn_implementation,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "lazy_init": self.lazy_init,
-            "_instantiator": _INSTANTIATOR,
-        }
-        opt = _callable_config(self.optimizer, (Optimizer,))
-        if opt is not None:
-            hparams["optimizer"] = opt
-        if self.lr_scheduler is not None:
-            sched = _callable_config(self.lr_scheduler, (LRScheduler, ReduceLROnPlateau))
-            if sched is not None:
-                hparams["lr_scheduler"] = sched
-        self.save_hyperparameters(hparams)
+        save_plain_hyperparameters(
+            self,
+            {
+                "model": self.model_spec,
+                "tokenizer": self.tokenizer_spec,
+                "lora": self.lora,
+                "metric": self.metric,
+                "max_new_tokens": self.max_new_tokens,
+                "generate_eval": self.generate_eval,
+                "dtype": self.dtype_name,
+                "attn_implementation": self.attn_implementation,
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "lazy_init": self.lazy_init,
+            },
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+        )
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -379,9 +371,6 @@ class CausalLMModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         """Generated answers of a batch."""
         return self.generate_answers(batch["prompt_ids"], batch["prompt_attention_mask"])
-
-    def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()  # clean gloo teardown under ddp_spawn
 
     def configure_optimizers(self) -> Any:
         """``optimizer`` over the trainable parameters, plus ``lr_scheduler`` when given."""

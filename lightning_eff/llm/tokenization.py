@@ -4,15 +4,18 @@
 ``tokenizers`` library on any texts and wraps it as a ``transformers.PreTrainedTokenizerFast`` with
 ``<s>`` (BOS, prepended by the post-processor), ``</s>`` (EOS) and ``<pad>``. :func:`load_tokenizer`
 resolves the tokenizer specs the configs use: the built-in ``"arithmetic-bpe"`` (a BPE trained on
-generated arithmetic problems, deterministic and cached per process) or a local directory.
+generated arithmetic problems and the phrases of Data Whisperer's prompt, both from
+:mod:`lightning_eff.llm.arithmetic`; deterministic and cached per process) or a local directory.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["train_bpe_tokenizer", "arithmetic_tokenizer", "load_tokenizer", "BUILTIN_TOKENIZERS"]
 
@@ -20,18 +23,6 @@ __all__ = ["train_bpe_tokenizer", "arithmetic_tokenizer", "load_tokenizer", "BUI
 BUILTIN_TOKENIZERS = ("arithmetic-bpe",)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-
-_PROMPT_PHRASES = (
-    "Solve each math question step by step. End each solution with '#### <number>'.\n",
-    "Below are some demonstrations of how to format your answers:\n",
-    "\nNow answer the following questions in the same format, each starting with 'Question <k> Answer:'.\n",
-    'Question 1: "',
-    "\nAnswers:\n",
-    "Question 1 Answer: ",
-    "Question 2 Answer: ",
-    "Question 3 Answer: ",
-)
-
 
 def train_bpe_tokenizer(
     texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2, individual_digits: bool = True
@@ -60,8 +51,7 @@ def train_bpe_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 260:
-        raise ValueError(f"train_bpe_tokenizer: `vocab_size` must be an int >= 260, got {vocab_size!r}.")
+    check_int(vocab_size, "vocab_size", minimum=260, owner="train_bpe_tokenizer")
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if individual_digits:
@@ -88,26 +78,18 @@ def train_bpe_tokenizer(
     )
 
 
-def _arithmetic_corpus() -> list[str]:
-    from lightning_eff.llm.arithmetic import generate_arithmetic
-    from lightning_eff.llm.data import DEFAULT_PROMPT
-
-    texts = []
-    for ex in generate_arithmetic(3000, seed=2024, max_operand=99):
-        texts.append(DEFAULT_PROMPT.format(question=ex["question"]) + ex["answer"])
-    # The phrases of Data Whisperer's default ICL prompt, so that those prompts tokenize compactly too.
-    texts += list(_PROMPT_PHRASES) * 20
-    return texts
-
-
 @functools.lru_cache(maxsize=4)
-def _cached_arithmetic_tokenizer(vocab_size: int) -> Any:
-    return train_bpe_tokenizer(_arithmetic_corpus(), vocab_size=vocab_size)
+def _cached_arithmetic_tokenizer(vocab_size: int, phrases: tuple[str, ...]) -> Any:
+    from lightning_eff.llm.arithmetic import arithmetic_corpus
+
+    return train_bpe_tokenizer(arithmetic_corpus(phrases), vocab_size=vocab_size)
 
 
-def arithmetic_tokenizer(vocab_size: int = 512) -> Any:
+def arithmetic_tokenizer(vocab_size: int = 512, phrases: Sequence[str] | None = None) -> Any:
     """The built-in byte-level BPE trained on generated arithmetic problems (a fresh copy each call).
 
+    Its corpus is :func:`~lightning_eff.llm.arithmetic.arithmetic_corpus` of ``phrases`` (default
+    :data:`~lightning_eff.llm.arithmetic.ICL_PROMPT_PHRASES`, which is the ``"arithmetic-bpe"`` tokenizer).
     Deterministic for a given ``tokenizers`` version; trained once per process (about 0.3 s).
 
     Example::
@@ -118,7 +100,10 @@ def arithmetic_tokenizer(vocab_size: int = 512) -> Any:
     """
     import copy
 
-    return copy.deepcopy(_cached_arithmetic_tokenizer(vocab_size))
+    from lightning_eff.llm.arithmetic import ICL_PROMPT_PHRASES
+
+    phrases = ICL_PROMPT_PHRASES if phrases is None else tuple(phrases)
+    return copy.deepcopy(_cached_arithmetic_tokenizer(vocab_size, phrases))
 
 
 def load_tokenizer(spec: Any, padding_side: str = "right") -> Any:

@@ -2,82 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_eff.utils.hparams import save_plain_hyperparameters
+
 __all__ = ["ImageClassifier"]
-
-# Lightning's own instantiator for hyperparameters written as jsonargparse configs; LightningCLI stores it
-# with the config of every module it builds, and ``load_from_checkpoint`` trusts it.
-_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
-
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _is_plain(value: Any) -> bool:
-    """Whether ``value`` is built from None/bool/int/float/str, lists, tuples and str-keyed dicts only."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-def _net_config(net: nn.Module) -> dict[str, Any] | None:
-    """``{"class_path", "init_args"}`` config that rebuilds ``net``, if it exposes ``get_config()``."""
-    get_config = getattr(net, "get_config", None)
-    if not callable(get_config):
-        return None
-    init_args = get_config()
-    if not isinstance(init_args, dict) or not _is_plain(init_args):
-        return None
-    return {"class_path": _class_path(type(net)), "init_args": dict(init_args)}
-
-
-def _callable_config(fn: Any, bases: tuple[type, ...]) -> dict[str, Any] | None:
-    """Config for a class in ``bases`` or a ``functools.partial`` of one with plain keyword arguments.
-
-    Also recognises the partials jsonargparse builds for ``OptimizerCallable``/``LRSchedulerCallable`` (e.g. when
-    ``load_from_checkpoint`` rebuilds the module from a saved config).
-    """
-    if isinstance(fn, type) and issubclass(fn, bases):
-        return {"class_path": _class_path(fn), "init_args": {}}
-    if not isinstance(fn, functools.partial) or not _is_plain(dict(fn.keywords)):
-        return None
-    if isinstance(fn.func, type) and issubclass(fn.func, bases) and not fn.args:
-        return {"class_path": _class_path(fn.func), "init_args": dict(fn.keywords)}
-    # jsonargparse builds ``partial(call_without_instantiate_context, instantiator, cls, **init_args)``
-    target = fn.args[-1] if fn.args else None
-    if (
-        getattr(fn.func, "__module__", "").startswith("jsonargparse")
-        and isinstance(target, type)
-        and issubclass(target, bases)
-    ):
-        return {"class_path": _class_path(target), "init_args": dict(fn.keywords)}
-    return None
-
-
-def _given_cli_hparams() -> dict[str, Any] | None:
-    """The config LightningCLI hands to the module being instantiated, if any."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older/newer Lightning without the mechanism
-        return None
-    return _given_hyperparameters.get()
 
 
 def _infer_num_classes(net: nn.Module) -> int:
@@ -185,44 +122,17 @@ class ImageClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(self.num_classes, average="micro")
 
     def _save_plain_hyperparameters(self) -> None:
-        if _given_cli_hparams() is not None:
-            # Built by LightningCLI: it hands over the parsed config (plain data + its instantiator).
-            self.save_hyperparameters()
-            return
-        hparams: dict[str, Any] = {
-            "label_smoothing": self.label_smoothing,
-            "privileged_weight": self.privileged_weight,
-            "feature_layer": self.feature_layer,
-            "_instantiator": _INSTANTIATOR,
-        }
-        net_config = _net_config(self.net)
-        if net_config is None:
-            rank_zero_warn(
-                f"ImageClassifier: `net` ({type(self.net).__name__}) has no `get_config()`, so it is not saved as a "
-                f"hyperparameter; pass it when reloading: `ImageClassifier.load_from_checkpoint(path, net=...)`."
-            )
-        else:
-            hparams["net"] = net_config
-        optimizer_config = _callable_config(self.optimizer, (Optimizer,))
-        if optimizer_config is None:
-            rank_zero_warn(
-                f"ImageClassifier: `optimizer` {self.optimizer!r} is not a class or functools.partial of one, so it is "
-                f"not saved as a hyperparameter; `load_from_checkpoint` will use the default unless given `optimizer=`."
-            )
-        else:
-            hparams["optimizer"] = optimizer_config
-        if self.lr_scheduler is None:
-            hparams["lr_scheduler"] = None
-        else:
-            scheduler_config = _callable_config(self.lr_scheduler, (LRScheduler, ReduceLROnPlateau))
-            if scheduler_config is None:
-                rank_zero_warn(
-                    f"ImageClassifier: `lr_scheduler` {self.lr_scheduler!r} is not a class or functools.partial of "
-                    f"one, so it is not saved as a hyperparameter."
-                )
-            else:
-                hparams["lr_scheduler"] = scheduler_config
-        self.save_hyperparameters(hparams)
+        save_plain_hyperparameters(
+            self,
+            {
+                "label_smoothing": self.label_smoothing,
+                "privileged_weight": self.privileged_weight,
+                "feature_layer": self.feature_layer,
+            },
+            nets={"net": self.net},
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+        )
 
     # ------------------------------------------------------------------------------------------
     # checks

@@ -86,6 +86,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
+from lightning_eff.utils.checks import check_int
+
 __all__ = ["KO", "collide", "hard_collide", "BASES", "VARIANTS", "COLLISIONS"]
 
 BASES: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
@@ -362,8 +364,7 @@ class KO(Optimizer):
         if not isinstance(group["noise_scale"], (int, float)) or group["noise_scale"] < 0:
             raise ValueError(f"{where}: noise_scale must be a number >= 0, got {group['noise_scale']!r}")
         every = group["collision_every"]
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"{where}: collision_every must be an integer >= 1, got {every!r}")
+        check_int(every, "collision_every", minimum=1, owner=where)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -21,11 +21,14 @@ Two file formats are read:
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_eff.utils.io import atomic_write_bytes
 
 __all__ = ["load_agent", "save_agent", "agent_env_spec"]
 
@@ -89,12 +92,9 @@ def save_agent(module: Any, path: str | os.PathLike, env_kwargs: dict[str, Any] 
             "env_kwargs": dict(env_kwargs),
         },
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_agent(path: str | os.PathLike, greedy: bool = True, map_location: str | torch.device = "cpu"):

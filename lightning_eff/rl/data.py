@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_eff.rl.replay import TerminationPriorityReplay
+from lightning_eff.utils.checks import check_float, check_int
 
 __all__ = ["DrivingDataModule", "ExperienceStream", "EVAL_SEED_OFFSET"]
 
@@ -43,13 +44,6 @@ __all__ = ["DrivingDataModule", "ExperienceStream", "EVAL_SEED_OFFSET"]
 EVAL_SEED_OFFSET = 2**31
 DEFAULT_SCENARIOS = ("highway", "highway_dense", "cut_in", "merge", "roundabout", "intersection")
 FORMAT_VERSION = 1
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"DrivingDataModule: {name} must be an int >= {minimum}, got {value!r}.")
-    return value
-
 
 class ExperienceStream(IterableDataset):
     """Steps the data module's environments and yields replay batches (see the module docstring).
@@ -159,20 +153,24 @@ class DrivingDataModule(L.LightningDataModule):
         if not scenarios:
             raise ValueError("DrivingDataModule: scenarios must name at least one training scenario.")
         for name in ("num_envs", "batch_size", "sequence_length", "env_steps_per_epoch"):
-            _check_int(name, locals()[name], 1)
+            check_int(locals()[name], name, minimum=1, owner="DrivingDataModule")
         for name in ("prefill_steps", "warmup_steps", "val_episodes_per_scenario", "test_episodes_per_scenario"):
-            _check_int(name, locals()[name], 0)
-        _check_int("replay_capacity", replay_capacity, 2 * num_envs * sequence_length)
+            check_int(locals()[name], name, minimum=0, owner="DrivingDataModule")
+        check_int(
+            replay_capacity,
+            "replay_capacity",
+            minimum=2 * num_envs * sequence_length,
+            owner="DrivingDataModule",
+        )
         if termination_window is not None:
-            _check_int("termination_window", termination_window, 1)
+            check_int(termination_window, "termination_window", minimum=1, owner="DrivingDataModule")
             if termination_window > sequence_length:
                 raise ValueError(
                     f"DrivingDataModule: termination_window={termination_window} is longer than sequence_length="
                     f"{sequence_length}: most termination-priority sequences would miss the terminal step; set "
                     f"termination_window <= {sequence_length} or leave it unset (= sequence_length)."
                 )
-        if isinstance(train_ratio, bool) or not isinstance(train_ratio, (int, float)) or train_ratio <= 0:
-            raise ValueError(f"DrivingDataModule: train_ratio must be a positive number, got {train_ratio!r}.")
+        check_float(train_ratio, "train_ratio", low=0.0, low_open=True, owner="DrivingDataModule")
         self.save_hyperparameters()
         self.env_name = env_name
         self.scenarios = list(scenarios)

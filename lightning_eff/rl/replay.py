@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_eff.utils.checks import check_optional_int
+
 __all__ = ["TerminationPriorityReplay"]
 
 FORMAT_VERSION = 1
@@ -78,12 +80,7 @@ class TerminationPriorityReplay:
             raise ValueError(
                 f"TerminationPriorityReplay: termination_fraction must be in [0, 1], got {termination_fraction!r}."
             )
-        if termination_window is not None and (
-            isinstance(termination_window, bool) or not isinstance(termination_window, int) or termination_window < 1
-        ):
-            raise ValueError(
-                f"TerminationPriorityReplay: termination_window must be None or an int >= 1, got {termination_window!r}."
-            )
+        check_optional_int(termination_window, "termination_window", minimum=1, owner="TerminationPriorityReplay")
         self.num_envs = num_envs
         self.per_env = capacity // num_envs
         self.capacity = self.per_env * num_envs

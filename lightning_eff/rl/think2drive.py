@@ -42,9 +42,9 @@ sequence only, and fewer ``bins`` shrink the heads; both default to DreamerV3's 
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
-import tempfile
 from typing import Any
 
 import lightning as L
@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_eff.rl.dreamer import (
-    MLP,
     RSSM,
     Decoder,
+    DreamerMLP,
     Encoder,
     ReturnNormalizer,
     RSSMState,
@@ -69,30 +69,14 @@ from lightning_eff.rl.dreamer import (
     unimix_logits,
 )
 from lightning_eff.rl.policies import Policy
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.checks import check_float, check_int
+from lightning_eff.utils.distributed import ProcessGroupCleanup
+from lightning_eff.utils.io import atomic_write_bytes
 
 __all__ = ["Think2Drive", "AgentPolicy"]
 
 FORMAT_VERSION = 1
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Think2Drive: {name} must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-def _number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"Think2Drive: {name} must be a number in {bracket}{low}, {high}], got {value!r}.")
-    return float(value)
-
-
-class Think2Drive(L.LightningModule):
+class Think2Drive(ProcessGroupCleanup, L.LightningModule):
     """Dreamer-style world-model RL for driving (see the module docstring).
 
     Args:
@@ -188,23 +172,34 @@ class Think2Drive(L.LightningModule):
             ("planner_ratio_steps", planner_ratio_steps, 1),
             ("planner_reset_interval", planner_reset_interval, 0),
         ):
-            _positive_int(name, value, low)
+            check_int(value, name, minimum=low, owner="Think2Drive")
         if bev_size < 4 or 4 * 2 ** int(round(math.log2(bev_size / 4))) != bev_size:
             raise ValueError(f"Think2Drive: bev_size must be 4 * 2**k (4, 8, 16, 32, 64, 128, ...), got {bev_size!r}.")
         for name, value in (("pred_scale", pred_scale), ("dyn_scale", dyn_scale), ("rep_scale", rep_scale),
                             ("free_bits", free_bits), ("entropy_coef", entropy_coef), ("slow_reg", slow_reg)):
-            _number(name, value, 0.0, 1e9)
-        _number("unimix", unimix, 0.0, 1.0)
-        _number("gamma", gamma, 0.0, 1.0)
-        _number("lambda_", lambda_, 0.0, 1.0)
-        _number("slow_critic_fraction", slow_critic_fraction, 0.0, 1.0, low_open=True)
-        _number("return_decay", return_decay, 0.0, 0.999999)
+            check_float(value, name, low=0.0, high=1e9, owner="Think2Drive")
+        check_float(unimix, "unimix", low=0.0, high=1.0, owner="Think2Drive")
+        check_float(gamma, "gamma", low=0.0, high=1.0, owner="Think2Drive")
+        check_float(lambda_, "lambda_", low=0.0, high=1.0, owner="Think2Drive")
+        check_float(
+            slow_critic_fraction,
+            "slow_critic_fraction",
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            owner="Think2Drive",
+        )
+        check_float(return_decay, "return_decay", low=0.0, high=0.999999, owner="Think2Drive")
         for name, value in (("world_model_lr", world_model_lr), ("actor_lr", actor_lr), ("critic_lr", critic_lr),
                             ("adam_eps", adam_eps), ("world_model_clip", world_model_clip),
                             ("actor_clip", actor_clip), ("critic_clip", critic_clip)):
-            _number(name, value, 0.0, 1e12, low_open=True)
-        _number("planner_ratio_start", planner_ratio_start, 0.0, 1e6, low_open=True)
-        _number("planner_ratio_end", planner_ratio_end, 0.0, 1e6, low_open=True)
+            check_float(value, name, low=0.0, high=1e12, low_open=True, owner="Think2Drive")
+        check_float(
+            planner_ratio_start, "planner_ratio_start", low=0.0, high=1e6, low_open=True, owner="Think2Drive"
+        )
+        check_float(
+            planner_ratio_end, "planner_ratio_end", low=0.0, high=1e6, low_open=True, owner="Think2Drive"
+        )
         self.save_hyperparameters()
         self.automatic_optimization = False
 
@@ -212,10 +207,10 @@ class Think2Drive(L.LightningModule):
         self.rssm = RSSM(self.encoder.embed_dim, num_actions, deter, stoch_groups, stoch_classes, units, unimix)
         feat = self.rssm.feat_dim
         self.decoder = Decoder(feat, bev_channels, bev_size, vec_dim, cnn_depth, units, mlp_layers)
-        self.reward_head = MLP(feat, units, mlp_layers, out_dim=bins, zero_init=True)
-        self.continue_head = MLP(feat, units, mlp_layers, out_dim=1)
-        self.actor = MLP(feat, units, mlp_layers, out_dim=num_actions)
-        self.critic = MLP(feat, units, mlp_layers, out_dim=bins, zero_init=True)
+        self.reward_head = DreamerMLP(feat, units, mlp_layers, out_dim=bins, zero_init=True)
+        self.continue_head = DreamerMLP(feat, units, mlp_layers, out_dim=1)
+        self.actor = DreamerMLP(feat, units, mlp_layers, out_dim=num_actions)
+        self.critic = DreamerMLP(feat, units, mlp_layers, out_dim=bins, zero_init=True)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.return_norm = ReturnNormalizer(decay=return_decay)
         self.register_buffer("bins", torch.linspace(-20.0, 20.0, bins), persistent=False)
@@ -240,7 +235,7 @@ class Think2Drive(L.LightningModule):
 
     # -- checks ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()
+        super().setup(stage)  # ProcessGroupCleanup
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "num_actions"):
             return
@@ -606,10 +601,9 @@ class Think2Drive(L.LightningModule):
         folder = os.path.join(root, "rollouts")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{stage}_epoch{self.current_epoch:04d}_step{self.global_step}.png")
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-        os.close(fd)
-        Image.fromarray(strip).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        Image.fromarray(strip).save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
         for logger in self.trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key=f"{stage}/rollout", images=[path], step=self.global_step)

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_eff.utils.checks import check_float, check_optional_int
+
 __all__ = ["SelectionContext", "Selection", "TokenSelector", "Indices", "build_keep_index", "span_positions"]
 
 
@@ -100,14 +102,9 @@ def _check_budget(owner: str, num_kept: int | None, keep_ratio: float | None) ->
             f"{owner}: give exactly one of `num_kept` (tokens kept from the span) and `keep_ratio` "
             f"(fraction kept, in (0, 1]); got num_kept={num_kept!r}, keep_ratio={keep_ratio!r}."
         )
-    if num_kept is not None and (isinstance(num_kept, bool) or not isinstance(num_kept, int) or num_kept < 1):
-        raise ValueError(f"{owner}: `num_kept` must be an int >= 1, got {num_kept!r}.")
-    if keep_ratio is not None and (
-        isinstance(keep_ratio, bool)
-        or not isinstance(keep_ratio, (int, float))
-        or not 0.0 < keep_ratio <= 1.0
-    ):
-        raise ValueError(f"{owner}: `keep_ratio` must be a float in (0, 1], got {keep_ratio!r}.")
+    check_optional_int(num_kept, "num_kept", minimum=1, owner=owner)
+    if keep_ratio is not None:
+        check_float(keep_ratio, "keep_ratio", low=0.0, high=1.0, low_open=True, owner=owner)
 
 
 class TokenSelector:

@@ -39,6 +39,7 @@ from lightning_eff.tokens.metrics import (
     kv_cache_bytes,
 )
 from lightning_eff.tokens.vit import ViTTokenPruner, find_vit
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["TokenCompression"]
 
@@ -94,8 +95,7 @@ class TokenCompression(Callback):
             raise TypeError(
                 f"TokenCompression: `selector` must be a TokenSelector (DART, Random, FastV, Pool), got {selector!r}."
             )
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"TokenCompression: `layer` must be an int >= 1 (K), got {layer!r}.")
+        check_int(layer, "layer", minimum=1, owner="TokenCompression")  # K
         if target not in ("auto", "decoder", "vit"):
             raise ValueError(
                 f"TokenCompression: `target` must be 'auto', 'decoder' or 'vit', got {target!r}."

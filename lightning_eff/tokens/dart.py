@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_eff.tokens.api import Selection, SelectionContext, TokenSelector, span_positions
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["DART", "dart_keep_indices", "dart_select", "dart_num_kept"]
 
@@ -54,12 +55,10 @@ def dart_num_kept(max_kept: int, num_image_pivots: int = 4, num_text_pivots: int
 
 def _check_pivots(owner: str, num_image_pivots: int, num_text_pivots: int, max_kept: int) -> None:
     for name, v in (("num_image_pivots", num_image_pivots), ("num_text_pivots", num_text_pivots)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{owner}: `{name}` must be an int >= 0, got {v!r}.")
+        check_int(v, name, minimum=0, owner=owner)
     if num_image_pivots + num_text_pivots < 1:
         raise ValueError(f"{owner}: need at least one pivot, got num_image_pivots=0 and num_text_pivots=0.")
-    if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 1:
-        raise ValueError(f"{owner}: `max_kept` must be an int >= 1, got {max_kept!r}.")
+    check_int(max_kept, "max_kept", minimum=1, owner=owner)
 
 
 def dart_select(

@@ -51,6 +51,7 @@ from lightning_eff.tokens.hf_compat import (
     id_carriers,
     merge_mrope,
 )
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["DecoderTokenPruner", "PruneRecord", "find_decoder", "SUPPORTED_ATTENTION"]
 
@@ -178,8 +179,7 @@ class DecoderTokenPruner:
                 f"DecoderTokenPruner: `selector` must be a TokenSelector (DART, Random, FastV, Pool, ...), "
                 f"got {selector!r}."
             )
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"DecoderTokenPruner: `layer` must be an int >= 1 (K), got {layer!r}.")
+        check_int(layer, "layer", minimum=1, owner="DecoderTokenPruner")  # K
         if image_token_id is not None and span is not None:
             raise ValueError("DecoderTokenPruner: give `image_token_id` or `span`, not both.")
         if image_token_id is not None and (
@@ -208,8 +208,7 @@ class DecoderTokenPruner:
     # ------------------------------------------------------------------------------------------ span
     def set_span(self, start: Any, length: int) -> None:
         """Set the span by positions: ``start`` an int or one int per sequence, ``length`` an int >= 1."""
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"DecoderTokenPruner: span length must be an int >= 1, got {length!r}.")
+        check_int(length, "length", minimum=1, owner="DecoderTokenPruner.set_span")
         starts = torch.as_tensor(start, dtype=torch.long).reshape(-1)
         if starts.numel() == 0 or bool((starts < 0).any()):
             raise ValueError(f"DecoderTokenPruner: span start must be >= 0, got {start!r}.")

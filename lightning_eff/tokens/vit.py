@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_eff.tokens.api import SelectionContext, TokenSelector, build_keep_index
 from lightning_eff.tokens.decoder import PruneRecord
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["ViTTokenPruner", "find_vit"]
 
@@ -90,8 +91,7 @@ class ViTTokenPruner:
                 f"ViTTokenPruner: {type(selector).__name__} needs attention weights, which ViT encoders do not "
                 f"expose to hooks; use DART, Random or Pool."
             )
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"ViTTokenPruner: `layer` must be an int >= 1 (K), got {layer!r}.")
+        check_int(layer, "layer", minimum=1, owner="ViTTokenPruner")  # K
         self.selector = selector
         self.layer = layer
         self.records: list[PruneRecord] = []

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.distributed import ProcessGroupCleanup
 
 __all__ = ["TinyVLM", "DEFAULT_DECODER"]
 
@@ -34,14 +35,7 @@ DEFAULT_DECODER: dict[str, Any] = {
 }
 _PAD, _BOS, _SPECIAL = 0, 1, 2
 
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"TinyVLM: `{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-class TinyVLM(L.LightningModule):
+class TinyVLM(ProcessGroupCleanup, L.LightningModule):
     """Image patches as tokens in a Llama decoder, trained to answer the image's class.
 
     Args:
@@ -77,12 +71,12 @@ class TinyVLM(L.LightningModule):
         weight_decay: float = 0.01,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes, 2)
-        _check_int("image_size", image_size, 1)
-        _check_int("patch_size", patch_size, 1)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("prefix_len", prefix_len, 0)
-        _check_int("question_len", question_len, 1)
+        check_int(num_classes, "num_classes", minimum=2, owner="TinyVLM")
+        check_int(image_size, "image_size", minimum=1, owner="TinyVLM")
+        check_int(patch_size, "patch_size", minimum=1, owner="TinyVLM")
+        check_int(in_channels, "in_channels", minimum=1, owner="TinyVLM")
+        check_int(prefix_len, "prefix_len", minimum=0, owner="TinyVLM")
+        check_int(question_len, "question_len", minimum=1, owner="TinyVLM")
         if image_size % patch_size:
             raise ValueError(
                 f"TinyVLM: `image_size`={image_size} is not a multiple of `patch_size`={patch_size}."
@@ -182,9 +176,6 @@ class TinyVLM(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
-
-    def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()  # clean gloo teardown under ddp_spawn
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(

@@ -6,6 +6,10 @@ worker then sometimes aborts after its work is done ("terminate called without a
 the parent sees ``process 1 terminated with signal SIGABRT``). :func:`destroy_process_group_at_exit`
 registers, once per process, an exit handler that waits (bounded) for the other ranks and destroys the
 group while the interpreter is still whole.
+
+Every ``LightningModule`` of the library gets this from one place, :class:`ProcessGroupCleanup`: a mixin
+whose ``setup`` (Lightning calls it in every process, after the strategy has initialised the group)
+registers the handler. A module that overrides ``setup`` calls ``super().setup(stage)``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import atexit
 import datetime
 
 import torch.distributed as dist
+
+__all__ = ["ProcessGroupCleanup", "destroy_process_group_at_exit"]
 
 _REGISTERED = False
 _BARRIER_TIMEOUT = datetime.timedelta(seconds=30)
@@ -40,3 +46,19 @@ def destroy_process_group_at_exit() -> None:
         return
     atexit.register(_destroy)
     _REGISTERED = True
+
+
+class ProcessGroupCleanup:
+    """``LightningModule`` mixin: ``setup`` registers :func:`destroy_process_group_at_exit` in every process.
+
+    List it before ``L.LightningModule``::
+
+        class MyModule(ProcessGroupCleanup, L.LightningModule):
+            def setup(self, stage: str) -> None:
+                super().setup(stage)
+                ...
+    """
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
+        super().setup(stage)

@@ -13,7 +13,7 @@ from lightning_eff.rl.dreamer.functional import (
     twohot_encode,
     unimix_logits,
 )
-from lightning_eff.rl.dreamer.networks import MLP, RSSM, ChannelNorm, Decoder, Encoder, RSSMState
+from lightning_eff.rl.dreamer.networks import MLP, RSSM, ChannelNorm, Decoder, DreamerMLP, Encoder, RSSMState
 
 __all__ = [
     "symlog",
@@ -26,6 +26,7 @@ __all__ = [
     "ReturnNormalizer",
     "RSSM",
     "RSSMState",
+    "DreamerMLP",
     "MLP",
     "ChannelNorm",
     "Encoder",

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lightning_eff.rl.dreamer.functional import symlog, unimix_logits
 
-__all__ = ["RSSMState", "MLP", "ChannelNorm", "Encoder", "Decoder", "RSSM"]
+__all__ = ["RSSMState", "DreamerMLP", "MLP", "ChannelNorm", "Encoder", "Decoder", "RSSM"]
 
 
 @dataclass
@@ -54,12 +54,12 @@ class RSSMState:
         return RSSMState(self.deter.detach(), self.stoch.detach(), self.logits.detach())
 
 
-class MLP(nn.Sequential):
+class DreamerMLP(nn.Sequential):
     """``layers`` x (Linear, LayerNorm, SiLU), then an optional Linear output (``zero_init`` for heads).
 
     Example::
 
-        >>> MLP(8, 16, layers=2, out_dim=3)(torch.zeros(5, 8)).shape
+        >>> DreamerMLP(8, 16, layers=2, out_dim=3)(torch.zeros(5, 8)).shape
         torch.Size([5, 3])
     """
 
@@ -77,6 +77,10 @@ class MLP(nn.Sequential):
             mods.append(head)
         super().__init__(*mods)
         self.out_features = out_dim if out_dim is not None else dim
+
+
+#: The former name (kept for imports); ``lightning_eff.models.MLP`` is the image MLP that ``--model.net MLP`` means.
+MLP = DreamerMLP
 
 
 class ChannelNorm(nn.Module):
@@ -125,7 +129,7 @@ class Encoder(nn.Module):
             ch_in = ch
         self.cnn = nn.Sequential(*mods)
         self.cnn_out = ch_in * 16
-        self.mlp = MLP(vec_dim, mlp_units, mlp_layers)
+        self.mlp = DreamerMLP(vec_dim, mlp_units, mlp_layers)
         self.embed_dim = self.cnn_out + self.mlp.out_features
 
     def forward(self, bev: Tensor, vec: Tensor) -> Tensor:
@@ -162,7 +166,7 @@ class Decoder(nn.Module):
         if stages == 0:
             mods.append(nn.Conv2d(ch_in, bev_channels, 1))
         self.cnn = nn.Sequential(*mods)
-        self.mlp = MLP(feat_dim, mlp_units, mlp_layers, out_dim=vec_dim)
+        self.mlp = DreamerMLP(feat_dim, mlp_units, mlp_layers, out_dim=vec_dim)
 
     def forward(self, feat: Tensor) -> tuple[Tensor, Tensor]:
         """BEV logits (in channels-last memory format) and the symlog vector prediction."""
@@ -196,11 +200,11 @@ class RSSM(nn.Module):
         super().__init__()
         self.deter_dim, self.groups, self.classes, self.unimix = deter, groups, classes, unimix
         self.num_actions = num_actions
-        self.inp = MLP(groups * classes + num_actions, units, 1)
+        self.inp = DreamerMLP(groups * classes + num_actions, units, 1)
         self.gru = nn.GRUCell(units, deter)
         self.gru_norm = nn.LayerNorm(deter)
-        self.prior_net = MLP(deter, units, 1, out_dim=groups * classes)
-        self.post_net = MLP(deter + embed_dim, units, 1, out_dim=groups * classes)
+        self.prior_net = DreamerMLP(deter, units, 1, out_dim=groups * classes)
+        self.post_net = DreamerMLP(deter + embed_dim, units, 1, out_dim=groups * classes)
         self.feat_dim = deter + groups * classes
 
     def initial(self, batch: int, device: torch.device | None = None) -> RSSMState:

@@ -90,6 +90,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_eff.utils.checks import check_int
+
 try:
     import gymnasium as gym
 except ImportError as err:  # pragma: no cover - depends on the installation
@@ -293,8 +295,7 @@ class DrivingEnv(gym.Env):
             raise ValueError(f"{name}: policy_frequency must be > 0 Hz, got {policy_frequency!r}.")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"{name}: render_mode must be None or 'rgb_array' (headless), got {render_mode!r}.")
-        if isinstance(min_speed_checkpoints, bool) or not isinstance(min_speed_checkpoints, int) or min_speed_checkpoints < 1:
-            raise ValueError(f"{name}: min_speed_checkpoints must be an int >= 1, got {min_speed_checkpoints!r}.")
+        check_int(min_speed_checkpoints, "min_speed_checkpoints", minimum=1, owner=name)
         self.min_speed_checkpoints = min_speed_checkpoints
         self.render_mode = render_mode
         self.max_route_deviation = float(max_route_deviation)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightning_eff.utils.checks import check_int
+
 __all__ = [
     "LINE_NONE",
     "LINE_STRIPED",
@@ -238,8 +240,7 @@ class BEVRasterizer:
         min_extent: float | None = None,
     ) -> None:
         for name, value, low in (("size", size, 4), ("history", history, 1), ("history_stride", history_stride, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"BEVRasterizer: {name} must be an int >= {low}, got {value!r}.")
+            check_int(value, name, minimum=low, owner="BEVRasterizer")
         if not (isinstance(resolution, (int, float)) and resolution > 0):
             raise ValueError(f"BEVRasterizer: resolution must be a positive number (m/pixel), got {resolution!r}.")
         ego_row = size / 2 if ego_row is None else float(ego_row)
