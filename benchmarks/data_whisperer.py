@@ -82,12 +82,24 @@ def parse_args(argv=None):
     p.add_argument("--passes", type=int, default=3,
                    help="prompt assignments averaged by the data_whisperer_passes selector (data_whisperer: 1)")
     p.add_argument("--prompt-batch-size", type=int, default=64)
+    p.add_argument("--meta-queries", type=int, default=None,
+                   help="queries per meta-training episode (default: --n-demos with --query-match, else --n-queries)")
+    p.add_argument("--query-match", default="key", help="record field of matched queries ('' = official cycle)")
+    p.add_argument("--validate", action="store_true",
+                   help="only the validation sweep of the Data Whisperer settings (validation tasks, no test data)")
+    p.add_argument("--val-tasks", default="1,2", help="task seeds of the validation sweep (the test task is --task-seed)")
+    p.add_argument("--val-passes", default="1,3,5", help="passes compared by --validate")
+    p.add_argument("--val-layers", default="", help="attention layers compared by --validate (default: the default)")
+    p.add_argument("--scorer-dir", default="", help="use this meta-trained scorer instead of <artefacts>/scorer")
+    p.add_argument("--val-out", default="benchmarks/results/data_whisperer_validation.json")
     p.add_argument("--methods", default="data_whisperer,data_whisperer_passes,random,el2n,grand,full")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 avoids oversubscription)")
     p.add_argument("--workdir", default="outputs/benchmarks/data_whisperer")
     p.add_argument("--artefacts", default="benchmarks/results/data_whisperer", help="scorer/, pool.jsonl, queries.jsonl")
     p.add_argument("--out", default="benchmarks/results/data_whisperer.json")
     args = p.parse_args(argv)
+    if args.meta_queries is None:
+        args.meta_queries = args.n_demos if args.query_match else args.n_queries
     if args.quick:
         args.size, args.meta_steps, args.pool, args.val, args.test = "tiny", 60, 80, 12, 40
         args.seeds, args.epochs, args.warmup_steps, args.epoch_grid = 2, 2, 2, "1,2"
@@ -135,6 +147,61 @@ def auroc(scores, positive):
     return u / (len(pos) * len(neg))
 
 
+def validate(args, scorer_dir):
+    """Validation sweep: AUROC / ICL accuracy / matched share of Data Whisperer settings on validation tasks.
+
+    Validation tasks are other ``task_seed``s of the family (held out from meta-training, never the test task);
+    each gets a corrupted pool and clean queries of its own. Nothing of the test task is read.
+    """
+    from lightning_eff.llm import build_causal_lm, load_tokenizer
+    from lightning_eff.llm.icl_tasks import generate_lookup_task, icl_task_template
+    from lightning_eff.select import data_whisperer_scores
+    from lightning_eff.select.data_whisperer import WhispererResult, matched_share, plan_prompts
+
+    template = icl_task_template()
+    lm = build_causal_lm(str(scorer_dir)).eval()
+    tok = load_tokenizer(str(scorer_dir))
+    n_layers = lm.config.num_hidden_layers
+    layers = [int(v) for v in args.val_layers.split(",") if v.strip()] or [None]
+    max_passes = max(int(v) for v in args.val_passes.split(","))
+    rows = []
+    for task_seed in (int(v) for v in args.val_tasks.split(",")):
+        if task_seed == args.task_seed:
+            raise SystemExit(f"--val-tasks must not contain the test task {args.task_seed}")
+        kw = {"task_seed": task_seed, "num_keys": args.num_keys}
+        pool = generate_lookup_task(args.pool, seed=11, noise=args.noise, corruption=args.corruption, **kw)
+        clean = generate_lookup_task(args.pool, seed=11, **kw)
+        queries = generate_lookup_task(args.val, seed=12, **kw)
+        positive = [not r["corrupted"] for r in pool]
+        dk, qk = [r["key"] for r in pool], [r["key"] for r in queries]
+        for match in (None, "key"):
+            plans = plan_prompts(len(pool), args.n_demos, args.n_queries, 42, len(queries), 1,
+                                 **({"demo_keys": dk, "query_keys": qk} if match else {}))  # fmt: skip
+            share = matched_share(plans, dk, qk)
+            common = dict(n_demos=args.n_demos, n_queries=args.n_queries, template=template, query_match=match,
+                          prompt_batch_size=args.prompt_batch_size, progress=False)  # fmt: skip
+            clean_res = data_whisperer_scores(lm, tok, clean, queries, **common)
+            clean_acc = clean_res.query_score_sum / max(clean_res.num_queries, 1)
+            for layer in layers:
+                t0 = time.perf_counter()
+                res = data_whisperer_scores(lm, tok, pool, queries, passes=max_passes, layer=layer, **common)
+                seconds = time.perf_counter() - t0
+                for p in (int(v) for v in args.val_passes.split(",")):
+                    sub = WhispererResult(res.score_sum[:p], res.count[:p], res.num_prompts, res.num_skipped)
+                    row = {"task_seed": task_seed, "assignment": "matched" if match else "cycle", "passes": p,
+                           "layer": layer if layer is not None else n_layers // 2, "auroc": auroc(sub.scores.tolist(), positive),
+                           "icl_accuracy_clean": clean_acc,
+                           "icl_accuracy_pool": res.query_score_sum / max(res.num_queries, 1),
+                           "unparsed_share": res.num_skipped / max(res.num_prompts, 1), "matched_share": share,
+                           "pass_agreement": sub.pass_agreement() if p > 1 else None,
+                           "seconds_per_pass": seconds / max_passes}  # fmt: skip
+                    rows.append(row)
+                    print(f"task {task_seed} {row['assignment']:>7} layer {row['layer']} passes {p}: AUROC "
+                          f"{row['auroc']:.3f}, ICL acc clean {clean_acc:.3f} / pool {row['icl_accuracy_pool']:.3f}, "
+                          f"matched share {share:.3f}, {row['seconds_per_pass']:.1f} s/pass", flush=True)  # fmt: skip
+    return rows
+
+
 def meta_train(args, tok_dir, scorer_dir, model_cfg):
     import lightning as L
     import torch
@@ -145,7 +212,7 @@ def meta_train(args, tok_dir, scorer_dir, model_cfg):
     workdir = Path(args.workdir)
     corpus = workdir / "meta_corpus.jsonl"
     docs = icl_meta_training_records(args.meta_steps * args.meta_batch, seed=0, num_keys=args.num_keys,
-                                     n_demos=args.n_demos, n_queries=args.n_queries)  # fmt: skip
+                                     n_demos=args.n_demos, n_queries=args.meta_queries)  # fmt: skip
     write_jsonl(corpus, docs, keys=("question", "answer"))
     L.seed_everything(0, verbose=False)
     dm = InstructionDataModule(data_path=str(corpus), num_train=None, num_val=0, num_test=0, prompt_template="{question}",
@@ -226,8 +293,8 @@ def main(argv=None):  # noqa: C901 - a linear script
     scorer_dir, tok_dir = art / "scorer", workdir / "tokenizer"
     tok = icl_task_tokenizer()
     tok.save_pretrained(tok_dir)
-    settings = {k: getattr(args, k) for k in ("size", "meta_steps", "meta_batch", "meta_lr", "num_keys", "n_demos",
-                                              "n_queries")}  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("size", "meta_steps", "meta_batch", "meta_lr", "num_keys", "n_demos")}
+    settings["n_queries"] = args.meta_queries
     settings["answer_format"] = "restated question, K7 #### 7"  # icl_meta_training_records(restate_question=True)
     marker = scorer_dir / "meta_training.json"
     if marker.is_file() and json.loads(marker.read_text())["settings"] == settings:
@@ -239,6 +306,22 @@ def main(argv=None):  # noqa: C901 - a linear script
         print(f"\nscorer meta-trained in {meta_seconds:.0f} s -> {scorer_dir}")
     size_mb = sum(f.stat().st_size for f in scorer_dir.iterdir()) / 2**20
     print(f"scorer directory: {size_mb:.2f} MB")
+    if args.validate:
+        rows = validate(args, Path(args.scorer_dir) if args.scorer_dir else scorer_dir)
+        table = {}
+        for r in rows:
+            table.setdefault((r["assignment"], r["layer"], r["passes"]), []).append(r)
+        print("\n| assignment | layer | passes | AUROC (mean over validation tasks) | ICL acc clean | matched share |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for (a, layer, p), rs in table.items():
+            print(f"| {a} | {layer} | {p} | {statistics.mean(r['auroc'] for r in rs):.3f} | "
+                  f"{statistics.mean(r['icl_accuracy_clean'] for r in rs):.3f} | "
+                  f"{statistics.mean(r['matched_share'] for r in rs):.3f} |")  # fmt: skip
+        Path(args.val_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.val_out).write_text(json.dumps({"args": vars(args), "scorer_settings": settings, "rows": rows},
+                                                 indent=1))  # fmt: skip
+        print(f"raw numbers: {args.val_out}")
+        return
 
     # ------------------------------------------------------------------ 2. data
     kw = {"task_seed": args.task_seed, "num_keys": args.num_keys}

@@ -37,6 +37,8 @@ import random
 import string
 from dataclasses import dataclass
 
+from lightning_eff.utils.checks import check_choice, check_float, check_int
+
 __all__ = [
     "CORRUPTIONS",
     "icl_task_template",
@@ -73,13 +75,6 @@ def icl_task_template():
     )
 
 
-def _check_int(owner: str, name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{owner}: `{name}` must be an int {allowed}, got {value!r}.")
-    return value
-
-
 @dataclass(frozen=True)
 class LookupTask:
     """One task of the family: ``mapping[key]`` is the right value, ``confusion[key]`` the systematic wrong one.
@@ -100,7 +95,7 @@ class LookupTask:
     @classmethod
     def draw(cls, task_seed: int, num_keys: int = 8) -> LookupTask:
         """The task of ``task_seed``: ``num_keys`` distinct letters, each with a random digit (and a wrong one)."""
-        _check_int("LookupTask.draw", "num_keys", num_keys, 1, len(_LETTERS))
+        check_int(num_keys, "num_keys", minimum=1, maximum=len(_LETTERS), owner="LookupTask.draw")
         rng = random.Random(f"lookup-task-{task_seed}")
         keys = tuple(sorted(rng.sample(_LETTERS, num_keys)))
         mapping = {k: rng.randrange(_DIGITS) for k in keys}
@@ -144,12 +139,10 @@ def generate_lookup_task(
         True
     """
     owner = "generate_lookup_task"
-    _check_int(owner, "num_examples", num_examples, 0)
-    _check_int(owner, "num_keys", num_keys, 1, len(_LETTERS))
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-        raise ValueError(f"{owner}: `noise` must be a float in [0, 1], got {noise!r}.")
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"{owner}: `corruption` must be one of {CORRUPTIONS}, got {corruption!r}.")
+    check_int(num_examples, "num_examples", minimum=0, owner=owner)
+    check_int(num_keys, "num_keys", minimum=1, maximum=len(_LETTERS), owner=owner)
+    check_float(noise, "noise", low=0.0, high=1.0, owner=owner)
+    check_choice(corruption, "corruption", CORRUPTIONS, owner=owner)
     task = LookupTask.draw(task_seed, num_keys)
     rng = random.Random(f"lookup-records-{task_seed}-{seed}")
     n_noisy = round(noise * num_examples)
@@ -206,11 +199,10 @@ def icl_meta_training_records(
     from lightning_eff.select.prompts import build_icl_prompt
 
     owner = "icl_meta_training_records"
-    _check_int(owner, "num_episodes", num_episodes, 0)
-    _check_int(owner, "n_demos", n_demos, 1)
-    _check_int(owner, "n_queries", n_queries, 1)
-    if isinstance(match_queries, bool) or not isinstance(match_queries, (int, float)) or not 0 <= match_queries <= 1:
-        raise ValueError(f"{owner}: `match_queries` must be a float in [0, 1], got {match_queries!r}.")
+    check_int(num_episodes, "num_episodes", minimum=0, owner=owner)
+    check_int(n_demos, "n_demos", minimum=1, owner=owner)
+    check_int(n_queries, "n_queries", minimum=1, owner=owner)
+    check_float(match_queries, "match_queries", low=0.0, high=1.0, owner=owner)
     t = icl_task_template() if template is None else template
     rng = random.Random(f"lookup-meta-{seed}")
     out = []
