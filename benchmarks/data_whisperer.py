@@ -79,8 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=20, help="fine-tuning steps before EL2N / GraNd")
     p.add_argument("--n-demos", type=int, default=5)
     p.add_argument("--n-queries", type=int, default=3)
-    p.add_argument("--passes", type=int, default=3,
-                   help="prompt assignments averaged by the data_whisperer_passes selector (data_whisperer: 1)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="prompt assignments averaged by the data_whisperer selector (data_whisperer_cycle: 1)")
     p.add_argument("--prompt-batch-size", type=int, default=64)
     p.add_argument("--meta-queries", type=int, default=None,
                    help="queries per meta-training episode (default: --n-demos with --query-match, else --n-queries)")
@@ -92,7 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--val-layers", default="", help="attention layers compared by --validate (default: the default)")
     p.add_argument("--scorer-dir", default="", help="use this meta-trained scorer instead of <artefacts>/scorer")
     p.add_argument("--val-out", default="benchmarks/results/data_whisperer_validation.json")
-    p.add_argument("--methods", default="data_whisperer,data_whisperer_passes,random,el2n,grand,full")
+    p.add_argument("--methods", default="data_whisperer,data_whisperer_cycle,random,el2n,grand,full",
+                   help="data_whisperer: --query-match assignment with --passes; data_whisperer_cycle: the official "
+                        "query cycle, 1 pass")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 avoids oversubscription)")
     p.add_argument("--workdir", default="outputs/benchmarks/data_whisperer")
     p.add_argument("--artefacts", default="benchmarks/results/data_whisperer", help="scorer/, pool.jsonl, queries.jsonl")
@@ -286,7 +288,8 @@ def main(argv=None):  # noqa: C901 - a linear script
           f"{args.corruption}); {args.val} clean queries; test {args.test}; ratio {args.ratio}")  # fmt: skip
     print(f"fine-tuning: {args.epochs} epochs, AdamW lr {args.lr}, batch {args.batch_size}, {args.seeds} seeds; "
           f"EL2N/GraNd warm-up {args.warmup_steps} steps; DW n_d={args.n_demos}, n_q={args.n_queries}, "
-          f"passes 1 (data_whisperer) and {args.passes} (data_whisperer_passes)")  # fmt: skip
+          f"data_whisperer: queries matched on {args.query_match or '-'!r}, {args.passes} pass(es); "
+          f"data_whisperer_cycle: the official query cycle, 1 pass")  # fmt: skip
     print(f"methods: {methods}", flush=True)
 
     # ------------------------------------------------------------------ 1. scorer
@@ -337,23 +340,36 @@ def main(argv=None):  # noqa: C901 - a linear script
     # ------------------------------------------------------------------ 3. in-context accuracy
     scorer_lm = build_causal_lm(str(scorer_dir)).eval()
     scorer_tok = load_tokenizer(str(scorer_dir))
+    from lightning_eff.select.data_whisperer import matched_share, plan_prompts
+
     icl = {}
-    for name, demos in (("clean demonstrations", clean_pool), ("pool demonstrations", pool)):
-        t0 = time.perf_counter()
-        res = data_whisperer_scores(scorer_lm, scorer_tok, demos, val, n_demos=args.n_demos, n_queries=args.n_queries,
-                                    template=template, prompt_batch_size=args.prompt_batch_size, progress=False)  # fmt: skip
-        icl[name] = {"accuracy": res.query_score_sum / max(res.num_queries, 1),
-                     "unparsed_share": res.num_skipped / max(res.num_prompts, 1), "prompts": res.num_prompts,
-                     "seconds": time.perf_counter() - t0}  # fmt: skip
-        print(f"in-context accuracy on clean queries, {name}: {icl[name]['accuracy']:.3f} "
-              f"(prompts with no parsed answer: {icl[name]['unparsed_share']:.3f} of {res.num_prompts})", flush=True)
+    dk, qk = [r["key"] for r in pool], [r["key"] for r in val]
+    for assignment, match in (("matched", args.query_match or None), ("cycle", None)):
+        if assignment == "matched" and match is None:
+            continue
+        plans = plan_prompts(len(pool), args.n_demos, args.n_queries, 42, len(val), 1,
+                             **({"demo_keys": dk, "query_keys": qk} if match else {}))  # fmt: skip
+        for name, demos in (("clean demonstrations", clean_pool), ("pool demonstrations", pool)):
+            t0 = time.perf_counter()
+            res = data_whisperer_scores(scorer_lm, scorer_tok, demos, val, n_demos=args.n_demos,
+                                        n_queries=args.n_queries, template=template, query_match=match,
+                                        prompt_batch_size=args.prompt_batch_size, progress=False)  # fmt: skip
+            key = f"{assignment} queries, {name}"
+            icl[key] = {"accuracy": res.query_score_sum / max(res.num_queries, 1),
+                        "unparsed_share": res.num_skipped / max(res.num_prompts, 1), "prompts": res.num_prompts,
+                        "matched_share": matched_share(plans, dk, qk), "seconds": time.perf_counter() - t0}  # fmt: skip
+            print(f"in-context accuracy on clean queries, {key}: {icl[key]['accuracy']:.3f} (prompts with no parsed "
+                  f"answer: {icl[key]['unparsed_share']:.3f} of {res.num_prompts}; share of demonstrations whose key "
+                  f"a query of the prompt asks: {icl[key]['matched_share']:.3f})", flush=True)  # fmt: skip
     chance = 1 / 10
 
     # ------------------------------------------------------------------ 4. selections
     def scorer_for(m):
         if m.startswith("data_whisperer"):
-            passes = args.passes if m == "data_whisperer_passes" else 1
-            return DataWhispererScorer(n_demos=args.n_demos, n_queries=args.n_queries, passes=passes,
+            official = m == "data_whisperer_cycle"
+            return DataWhispererScorer(n_demos=args.n_demos, n_queries=args.n_queries,
+                                       passes=1 if official else args.passes,
+                                       query_match=None if official else (args.query_match or None),
                                        prompt_batch_size=args.prompt_batch_size, icl_template=template.__dict__)  # fmt: skip
         if m == "random":
             return RandomScorer()
@@ -367,27 +383,51 @@ def main(argv=None):  # noqa: C901 - a linear script
     selections = {m: {} for m in selectors}
     sel_seconds = {m: [] for m in selectors}
     sel_stats, sel_auroc, sel_noisy = {}, {m: [] for m in selectors}, {m: [] for m in selectors}
+    # Resumable: every selection and every fine-tuning run is written to progress.json as it finishes; a rerun with
+    # the same settings (and scorer) reads them back instead of repeating them.
+    from lightning_eff.utils.io import atomic_write_text
+
+    signature = {k: v for k, v in vars(args).items() if k not in ("epochs", "out", "val_out")}
+    signature["scorer"] = settings
+    progress_path = workdir / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    if progress.get("signature") != json.loads(json.dumps(signature)):
+        progress = {"signature": signature, "selection": {}, "val_em": {}, "finetune": {}}
+    else:
+        print(f"resuming from {progress_path}")
+
+    def save_progress():
+        atomic_write_text(progress_path, json.dumps(progress))
+
     cache = workdir / "cache"
-    if cache.exists():
+    if cache.exists() and not progress["selection"]:
         import shutil
 
         shutil.rmtree(cache)  # time every selector's first scoring in this run
     for seed in range(args.seeds):
         for m in selectors:
-            dm = DataWhispererDataModule(scorer=scorer_for(m), ratio=args.ratio, scorer_model=str(scorer_dir),
-                                         selection_seed=seed, cache_dir=str(cache), progress=False,
-                                         device="cuda" if args.device == "cuda" else "cpu", **data_kw)  # fmt: skip
-            dm.setup("fit")
-            idx = list(dm.selected_indices)
+            done = progress["selection"].get(f"{m}|{seed}")
+            if done is None:
+                dm = DataWhispererDataModule(scorer=scorer_for(m), ratio=args.ratio, scorer_model=str(scorer_dir),
+                                             selection_seed=seed, cache_dir=str(cache), progress=False,
+                                             device="cuda" if args.device == "cuda" else "cpu", **data_kw)  # fmt: skip
+                dm.setup("fit")
+                idx = list(dm.selected_indices)
+                done = {"idx": idx, "cache_hit": bool(dm.cache_hit), "stats": dict(dm.selection_stats),
+                        "auroc": auroc(dm.scores.tolist(), [not c for c in corrupted]),
+                        "noisy": sum(corrupted[i] for i in idx) / len(idx)}  # fmt: skip
+                progress["selection"][f"{m}|{seed}"] = done
+                save_progress()
+            idx = done["idx"]
             selections[m][seed] = idx
-            if not dm.cache_hit:
-                sel_seconds[m].append(dm.selection_stats["scoring_seconds"])
-            sel_stats[m] = {k: v for k, v in dm.selection_stats.items()}
-            sel_auroc[m].append(auroc(dm.scores.tolist(), [not c for c in corrupted]))
-            sel_noisy[m].append(sum(corrupted[i] for i in idx) / len(idx))
+            if not done["cache_hit"]:
+                sel_seconds[m].append(done["stats"]["scoring_seconds"])
+            sel_stats[m] = done["stats"]
+            sel_auroc[m].append(done["auroc"])
+            sel_noisy[m].append(done["noisy"])
             print(f"seed {seed} select {m:>15}: {len(idx)} examples, corrupted {sel_noisy[m][-1]:.2f}, "
-                  f"AUROC {sel_auroc[m][-1]:.3f}, scoring {dm.selection_stats['scoring_seconds']:.1f} s"
-                  f"{' (cache)' if dm.cache_hit else ''}", flush=True)  # fmt: skip
+                  f"AUROC {sel_auroc[m][-1]:.3f}, scoring {done['stats']['scoring_seconds']:.1f} s"
+                  f"{' (cache)' if done['cache_hit'] else ''}", flush=True)  # fmt: skip
     if "data_whisperer" in sel_stats:
         st = sel_stats["data_whisperer"]
         print(f"Data Whisperer on the pool: ICL accuracy {st.get('icl_accuracy', float('nan')):.3f}, unparsed share "
@@ -403,6 +443,15 @@ def main(argv=None):  # noqa: C901 - a linear script
             return self.indices
 
     def finetune(idx, seed, epochs, split="test"):
+        key = f"{split}|{seed}|{epochs}|{','.join(map(str, idx))}"
+        if key in progress["finetune"]:
+            return tuple(progress["finetune"][key])
+        out = _finetune(idx, seed, epochs, split)
+        progress["finetune"][key] = list(out)
+        save_progress()
+        return out
+
+    def _finetune(idx, seed, epochs, split):
         dm = Fixed(idx, **data_kw)
         L.seed_everything(1000 + seed, verbose=False)
         module = CausalLMModule(str(scorer_dir), max_new_tokens=6,
@@ -467,15 +516,17 @@ def main(argv=None):  # noqa: C901 - a linear script
     print(f"\nfull-pool fine-tuning ({args.epochs} epochs): median {full_t:.1f} s; STR = selection s / that.")
     if "data_whisperer" in summary and rand:
         dw = summary["data_whisperer"]
+        icl_key = next(k for k in icl if k.endswith("clean demonstrations"))  # matched first when there is one
         print(f"targets: DW - random = {dw['mean'] - rand_mean:+.3f} vs spread (max std) "
               f"{max(dw['std'], rand_std):.3f}; DW AUROC {dw['auroc_mean']:.3f} (>= 0.8); DW STR {dw['str']:.3f} (< 0.2); "
-              f"ICL accuracy (clean) {icl['clean demonstrations']['accuracy']:.3f} (>= 0.3, chance {chance:.2f})")  # fmt: skip
+              f"ICL accuracy ({icl_key}) {icl[icl_key]['accuracy']:.3f} (>= 0.3, chance {chance:.2f})")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump({"args": vars(args), "chosen_epochs": chosen, "meta_training_seconds": meta_seconds,
                    "scorer_mb": size_mb, "icl": icl, "chance": chance, "full_finetune_seconds": full_t,
-                   "summary": summary, "selections": selections}, f, indent=1)  # fmt: skip
+                   "summary": summary, "selections": selections,
+                   "selection_auroc": sel_auroc}, f, indent=1)  # fmt: skip
     print(f"raw numbers: {out}")
 
 
