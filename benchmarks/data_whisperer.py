@@ -92,9 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--val-layers", default="", help="attention layers compared by --validate (default: the default)")
     p.add_argument("--scorer-dir", default="", help="use this meta-trained scorer instead of <artefacts>/scorer")
     p.add_argument("--val-out", default="benchmarks/results/data_whisperer_validation.json")
-    p.add_argument("--methods", default="data_whisperer,data_whisperer_cycle,random,el2n,grand,full",
-                   help="data_whisperer: --query-match assignment with --passes; data_whisperer_cycle: the official "
-                        "query cycle, 1 pass")
+    p.add_argument("--methods", default="data_whisperer,data_whisperer_1pass,data_whisperer_cycle,random,el2n,grand,full",
+                   help="data_whisperer: --query-match assignment with --passes; data_whisperer_1pass: the same with 1 "
+                        "pass; data_whisperer_cycle: the official query cycle, 1 pass")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 avoids oversubscription)")
     p.add_argument("--workdir", default="outputs/benchmarks/data_whisperer")
     p.add_argument("--artefacts", default="benchmarks/results/data_whisperer", help="scorer/, pool.jsonl, queries.jsonl")
@@ -368,7 +368,7 @@ def main(argv=None):  # noqa: C901 - a linear script
         if m.startswith("data_whisperer"):
             official = m == "data_whisperer_cycle"
             return DataWhispererScorer(n_demos=args.n_demos, n_queries=args.n_queries,
-                                       passes=1 if official else args.passes,
+                                       passes=1 if official or m == "data_whisperer_1pass" else args.passes,
                                        query_match=None if official else (args.query_match or None),
                                        prompt_batch_size=args.prompt_batch_size, icl_template=template.__dict__)  # fmt: skip
         if m == "random":
