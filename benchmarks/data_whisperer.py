@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default="small", choices=sorted(SIZES))
-    p.add_argument("--meta-steps", type=int, default=2000, help="meta-training steps (one fresh task per episode)")
+    p.add_argument("--meta-steps", type=int, default=1200, help="meta-training steps (one fresh task per episode)")
     p.add_argument("--meta-batch", type=int, default=32)
     p.add_argument("--meta-lr", type=float, default=3e-3)
     p.add_argument("--num-keys", type=int, default=6, help="keys per task")
@@ -79,11 +79,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=20, help="fine-tuning steps before EL2N / GraNd")
     p.add_argument("--n-demos", type=int, default=5)
     p.add_argument("--n-queries", type=int, default=3)
-    p.add_argument("--passes", type=int, default=1,
+    p.add_argument("--passes", type=int, default=10,
                    help="prompt assignments averaged by the data_whisperer selector (data_whisperer_cycle: 1)")
     p.add_argument("--prompt-batch-size", type=int, default=64)
     p.add_argument("--meta-queries", type=int, default=None,
                    help="queries per meta-training episode (default: --n-demos with --query-match, else --n-queries)")
+    p.add_argument("--matched-n-queries", type=int, default=5,
+                   help="queries per prompt with matched queries (the official cycle uses --n-queries)")
+    p.add_argument("--val-matched-n-queries", default="1,5", help="--matched-n-queries compared by --validate")
     p.add_argument("--query-match", default="key", help="record field of matched queries ('' = official cycle)")
     p.add_argument("--validate", action="store_true",
                    help="only the validation sweep of the Data Whisperer settings (validation tasks, no test data)")
@@ -176,11 +179,12 @@ def validate(args, scorer_dir):
         queries = generate_lookup_task(args.val, seed=12, **kw)
         positive = [not r["corrupted"] for r in pool]
         dk, qk = [r["key"] for r in pool], [r["key"] for r in queries]
-        for match in (None, "key"):
-            plans = plan_prompts(len(pool), args.n_demos, args.n_queries, 42, len(queries), 1,
+        variants = [(None, args.n_queries)] + [("key", int(v)) for v in args.val_matched_n_queries.split(",")]
+        for match, nq in variants:
+            plans = plan_prompts(len(pool), args.n_demos, nq, 42, len(queries), 1,
                                  **({"demo_keys": dk, "query_keys": qk} if match else {}))  # fmt: skip
             share = matched_share(plans, dk, qk)
-            common = dict(n_demos=args.n_demos, n_queries=args.n_queries, template=template, query_match=match,
+            common = dict(n_demos=args.n_demos, n_queries=nq, template=template, query_match=match,
                           prompt_batch_size=args.prompt_batch_size, progress=False)  # fmt: skip
             clean_res = data_whisperer_scores(lm, tok, clean, queries, **common)
             clean_acc = clean_res.query_score_sum / max(clean_res.num_queries, 1)
@@ -190,7 +194,8 @@ def validate(args, scorer_dir):
                 seconds = time.perf_counter() - t0
                 for p in (int(v) for v in args.val_passes.split(",")):
                     sub = WhispererResult(res.score_sum[:p], res.count[:p], res.num_prompts, res.num_skipped)
-                    row = {"task_seed": task_seed, "assignment": "matched" if match else "cycle", "passes": p,
+                    row = {"task_seed": task_seed, "assignment": f"matched, {nq} per prompt" if match else "cycle",
+                           "n_queries": nq, "passes": p,
                            "layer": layer if layer is not None else n_layers // 2, "auroc": auroc(sub.scores.tolist(), positive),
                            "icl_accuracy_clean": clean_acc,
                            "icl_accuracy_pool": res.query_score_sum / max(res.num_queries, 1),
@@ -288,7 +293,8 @@ def main(argv=None):  # noqa: C901 - a linear script
           f"{args.corruption}); {args.val} clean queries; test {args.test}; ratio {args.ratio}")  # fmt: skip
     print(f"fine-tuning: {args.epochs} epochs, AdamW lr {args.lr}, batch {args.batch_size}, {args.seeds} seeds; "
           f"EL2N/GraNd warm-up {args.warmup_steps} steps; DW n_d={args.n_demos}, n_q={args.n_queries}, "
-          f"data_whisperer: queries matched on {args.query_match or '-'!r}, {args.passes} pass(es); "
+          f"data_whisperer: queries matched on {args.query_match or '-'!r}, {args.matched_n_queries} per prompt, "
+          f"{args.passes} pass(es); "
           f"data_whisperer_cycle: the official query cycle, 1 pass")  # fmt: skip
     print(f"methods: {methods}", flush=True)
 
@@ -347,12 +353,13 @@ def main(argv=None):  # noqa: C901 - a linear script
     for assignment, match in (("matched", args.query_match or None), ("cycle", None)):
         if assignment == "matched" and match is None:
             continue
-        plans = plan_prompts(len(pool), args.n_demos, args.n_queries, 42, len(val), 1,
+        nq = args.matched_n_queries if match else args.n_queries
+        plans = plan_prompts(len(pool), args.n_demos, nq, 42, len(val), 1,
                              **({"demo_keys": dk, "query_keys": qk} if match else {}))  # fmt: skip
         for name, demos in (("clean demonstrations", clean_pool), ("pool demonstrations", pool)):
             t0 = time.perf_counter()
             res = data_whisperer_scores(scorer_lm, scorer_tok, demos, val, n_demos=args.n_demos,
-                                        n_queries=args.n_queries, template=template, query_match=match,
+                                        n_queries=nq, template=template, query_match=match,
                                         prompt_batch_size=args.prompt_batch_size, progress=False)  # fmt: skip
             key = f"{assignment} queries, {name}"
             icl[key] = {"accuracy": res.query_score_sum / max(res.num_queries, 1),
@@ -367,7 +374,8 @@ def main(argv=None):  # noqa: C901 - a linear script
     def scorer_for(m):
         if m.startswith("data_whisperer"):
             official = m == "data_whisperer_cycle"
-            return DataWhispererScorer(n_demos=args.n_demos, n_queries=args.n_queries,
+            return DataWhispererScorer(n_demos=args.n_demos,
+                                       n_queries=args.n_queries if official else args.matched_n_queries,
                                        passes=1 if official or m == "data_whisperer_1pass" else args.passes,
                                        query_match=None if official else (args.query_match or None),
                                        prompt_batch_size=args.prompt_batch_size, icl_template=template.__dict__)  # fmt: skip

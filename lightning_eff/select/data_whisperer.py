@@ -128,8 +128,8 @@ def data_whisperer_scores(
         seed: seed of the 2-fold split (official: 42) and of the shuffles of later passes.
         passes: prompt assignments averaged (see :func:`plan_prompts`); the result holds one row per pass.
         query_match: a record field (e.g. ``"key"`` of :mod:`lightning_eff.llm.icl_tasks`): each prompt asks one
-            query per demonstration, with the same value of this field (matched queries, :func:`plan_prompts`;
-            needs ``query_records``; ``n_queries`` is then ignored). ``None``: the official query cycle.
+            query per demonstration, with the same value of this field, ``n_queries`` per prompt (matched queries,
+            :func:`plan_prompts`; needs ``query_records``). ``None``: the official query cycle.
         rank: this process's rank.
         world_size: number of processes sharing the work.
         progress: show a progress bar (rank 0 only).
@@ -156,7 +156,7 @@ def data_whisperer_scores(
     check_int(layer, "layer", minimum=0, maximum=n_layers - 1, owner="data_whisperer_scores")
     if max_new_tokens is None:
         longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records)
-        max_new_tokens = (n_demos if query_match is not None else n_queries) * (longest + 16)
+        max_new_tokens = (min(n_demos, n_queries) if query_match is not None else n_queries) * (longest + 16)
 
     # A template whose instruction already starts with the BOS token (official chat prompts) gets no second one.
     bos = getattr(tokenizer, "bos_token", None)

@@ -65,9 +65,12 @@ def plan_prompts(
     **Matched queries** (an extension, not in the paper; ``demo_keys`` and ``query_keys`` given, external queries
     only): instead of a batch of ``n_queries`` queries cycling over the query set, each prompt asks one query per
     demonstration, a query whose key equals that demonstration's key (``query_keys[q] == demo_keys[j]``), taken in
-    turn from a per-key cycle (shuffled per pass), in a random order; ``n_queries`` is then ignored. A demonstration whose key no query
-    has gets the next query of the plain cycle instead. Eq. 6 is unchanged; the assignment only makes sure that
-    every demonstration is the one some query needs (see ``docs/methods/data_whisperer.md``).
+    turn from a per-key cycle (shuffled per pass), in a random order. A demonstration whose key no query
+    has gets the next query of the plain cycle instead. The queries of a demonstration batch are asked
+    ``n_queries`` at a time: ``n_queries >= n_demos`` gives one prompt per batch, ``n_queries = 1`` one prompt per
+    demonstration, each with the same demonstrations and one query (so ``w_j`` is read per query). Eq. 6 is
+    unchanged (a demonstration accumulates ``w_j * s_k`` over every prompt it is in); the assignment only makes sure
+    that every demonstration is the one some query needs (see ``docs/methods/data_whisperer.md``).
 
     Example::
 
@@ -110,7 +113,7 @@ def plan_prompts(
                 query_pool = [query_pool[i] for i in torch.randperm(len(query_pool), generator=g).tolist()]
             demo_batches = [demo_pool[i : i + n_demos] for i in range(0, len(demo_pool), n_demos)]
             if demo_keys is not None:
-                plans.extend(_matched_plans(demo_batches, query_pool, demo_keys, query_keys, p, g))
+                plans.extend(_matched_plans(demo_batches, query_pool, demo_keys, query_keys, p, g, n_queries))
                 continue
             query_batches = [query_pool[i : i + n_queries] for i in range(0, len(query_pool), n_queries)]
             for b, demos in enumerate(demo_batches):
@@ -120,9 +123,11 @@ def plan_prompts(
 
 
 def _matched_plans(demo_batches: list[list[int]], query_pool: list[int], demo_keys: Sequence[Any],
-                   query_keys: Sequence[Any], pass_index: int, generator: torch.Generator) -> list[PromptPlan]:  # fmt: skip
+                   query_keys: Sequence[Any], pass_index: int, generator: torch.Generator,
+                   n_queries: int) -> list[PromptPlan]:  # fmt: skip
     """One query per demonstration, with the demonstration's key, cycling per key (see :func:`plan_prompts`);
-    the queries of a prompt are put in a random order, so query ``k`` is not simply demonstration ``k``'s."""
+    a batch's queries are put in a random order (query ``k`` is not simply demonstration ``k``'s) and asked
+    ``n_queries`` at a time, each group in its own prompt with the same demonstrations."""
     by_key: dict[Any, list[int]] = {}
     for q in query_pool:
         by_key.setdefault(query_keys[q], []).append(q)
@@ -140,21 +145,29 @@ def _matched_plans(demo_batches: list[list[int]], query_pool: list[int], demo_ke
                 queries.append(query_pool[plain % len(query_pool)])
                 plain += 1
         order = torch.randperm(len(queries), generator=generator).tolist()
-        plans.append(PromptPlan(tuple(demos), tuple(queries[i] for i in order), True, pass_index))
+        queries = [queries[i] for i in order]
+        for start in range(0, len(queries), n_queries):
+            plans.append(PromptPlan(tuple(demos), tuple(queries[start : start + n_queries]), True, pass_index))
     return plans
 
 
 def matched_share(plans: Sequence[PromptPlan], demo_keys: Sequence[Any], query_keys: Sequence[Any]) -> float:
-    """Share of (prompt, demonstration) pairs whose key some query of the prompt asks.
+    """Share of demonstrations (per pass) whose key some query asks, among the prompts with their demonstrations.
+
+    Prompts with the same demonstrations in the same pass (matched queries with ``n_queries < n_demos``) count as
+    one batch whose queries are pooled.
 
     Example::
 
         >>> round(matched_share([PromptPlan((0, 1), (0,), True)], ["a", "b"], ["a"]), 3)
         0.5
+        >>> matched_share([PromptPlan((0, 1), (0,), True), PromptPlan((0, 1), (1,), True)], ["a", "b"], ["a", "b"])
+        1.0
     """
-    hit = total = 0
+    asked: dict[tuple[int, tuple[int, ...]], set] = {}
     for plan in plans:
-        asked = {query_keys[q] for q in plan.queries} if plan.external_queries else {demo_keys[q] for q in plan.queries}
-        hit += sum(demo_keys[d] in asked for d in plan.demos)
-        total += len(plan.demos)
+        keys = query_keys if plan.external_queries else demo_keys
+        asked.setdefault((plan.pass_index, plan.demos), set()).update(keys[q] for q in plan.queries)
+    hit = sum(demo_keys[d] in keys for (_, demos), keys in asked.items() for d in demos)
+    total = sum(len(demos) for _, demos in asked)
     return hit / total if total else float("nan")

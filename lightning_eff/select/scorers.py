@@ -228,9 +228,9 @@ class DataWhispererScorer(Scorer):
             mean pairwise Spearman correlation of the passes' scores is reported as ``select/pass_agreement``.
         icl_template: overrides of :class:`~lightning_eff.select.prompts.ICLTemplate` fields.
         query_match: a record field (e.g. ``"key"`` of the :mod:`lightning_eff.llm.icl_tasks` stand-in): each prompt
-            asks, for each demonstration, a validation query with the same value of that field (matched queries,
-            an assignment choice of the benchmark, not of the paper; needs the validation queries). ``None``: the
-            official cycle of ``n_queries`` queries per prompt.
+            asks, for each demonstration, a validation query with the same value of that field, ``n_queries`` per
+            prompt (matched queries, an assignment choice of the benchmark, not of the paper; needs the validation
+            queries). ``None``: the official cycle of ``n_queries`` queries per prompt.
 
     Statistics (``select/...``): ``icl_accuracy`` (mean query score over the queries of the prompts whose answers
     parsed), ``unparsed_share`` (share of prompts with fewer parsed answers than queries, skipped),
@@ -318,7 +318,7 @@ class DataWhispererScorer(Scorer):
                                           result.query_score_sum, float(result.num_queries)], dtype=torch.float64))  # fmt: skip
         prompts, skipped, q_sum, q_num = (float(v) for v in totals)
         reduced = dw.WhispererResult(score_sum, count, int(prompts), int(skipped), q_sum, int(q_num))
-        n_all = q_num + skipped * (self.n_demos if self.query_match is not None else self.n_queries)
+        n_all = q_num + skipped * (min(self.n_demos, self.n_queries) if self.query_match else self.n_queries)
         ctx.stats.update(
             prompts=prompts,
             skipped_prompts=skipped,
