@@ -93,6 +93,10 @@ def parse_args(argv=None):
     p.add_argument("--val-tasks", default="1,2", help="task seeds of the validation sweep (the test task is --task-seed)")
     p.add_argument("--val-passes", default="1,3,5", help="passes compared by --validate")
     p.add_argument("--val-layers", default="", help="attention layers compared by --validate (default: the default)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="after a run: per-key composition of each subset and per-key Data Whisperer scores / AUROC, "
+                        "from --out and the run's score cache in --workdir; writes --diagnosis-out")
+    p.add_argument("--diagnosis-out", default="benchmarks/results/data_whisperer_diagnosis.json")
     p.add_argument("--scorer-dir", default="", help="use this meta-trained scorer instead of <artefacts>/scorer")
     p.add_argument("--val-out", default="benchmarks/results/data_whisperer_validation.json")
     p.add_argument("--methods", default="data_whisperer,data_whisperer_1pass,data_whisperer_cycle,random,el2n,grand,full",
@@ -209,6 +213,45 @@ def validate(args, scorer_dir):
     return rows
 
 
+def diagnose(args):
+    """Per key of the test task: how many clean / corrupted examples each subset holds, and, for every cached Data
+    Whisperer score vector of the run, the mean score of clean and corrupted examples and the AUROC within the key."""
+    import glob
+
+    run = json.loads(Path(args.out).read_text())
+    pool = [json.loads(line) for line in open(Path(args.artefacts) / "pool.jsonl", encoding="utf-8")]
+    keys = sorted({r["key"] for r in pool})
+    out = {"pool": {k: {"clean": sum(r["key"] == k and not r["corrupted"] for r in pool),
+                        "corrupted": sum(r["key"] == k and r["corrupted"] for r in pool)} for k in keys},
+           "subsets": {}, "scores": []}  # fmt: skip
+    for m, by_seed in run["selections"].items():
+        out["subsets"][m] = {seed: {k: {"clean": sum(pool[i]["key"] == k and not pool[i]["corrupted"] for i in idx),
+                                        "corrupted": sum(pool[i]["key"] == k and pool[i]["corrupted"] for i in idx)}
+                                    for k in keys} for seed, idx in by_seed.items()}  # fmt: skip
+    for path in sorted(glob.glob(str(Path(args.workdir) / "cache" / "scores-data_whisperer-*.json"))):
+        data = json.loads(Path(path).read_text())
+        scores, settings = data["scores"], data.get("settings", {})
+        row = {"file": Path(path).name, "settings": settings, "stats": data.get("stats", {}),
+               "auroc": auroc(scores, [not r["corrupted"] for r in pool]), "per_key": {}}  # fmt: skip
+        for k in keys:
+            idx = [i for i, r in enumerate(pool) if r["key"] == k]
+            clean = [scores[i] for i in idx if not pool[i]["corrupted"]]
+            bad = [scores[i] for i in idx if pool[i]["corrupted"]]
+            row["per_key"][k] = {"mean_clean": statistics.mean(clean), "mean_corrupted": statistics.mean(bad),
+                                 "auroc": auroc([scores[i] for i in idx], [not pool[i]["corrupted"] for i in idx])}  # fmt: skip
+        row["mean_within_key_auroc"] = statistics.mean(v["auroc"] for v in row["per_key"].values())
+        out["scores"].append(row)
+        print(f"{row['file']}: AUROC {row['auroc']:.3f}, mean within-key AUROC {row['mean_within_key_auroc']:.3f}; "
+              + ", ".join(f"{k} {v['mean_clean']:.3f}/{v['mean_corrupted']:.3f}" for k, v in row["per_key"].items())
+              + " (mean score clean/corrupted)")  # fmt: skip
+    for m, by_seed in out["subsets"].items():
+        first = next(iter(by_seed.values()))
+        print(f"{m} (seed 0): " + ", ".join(f"{k} {v['clean']}+{v['corrupted']}" for k, v in first.items())
+              + " (clean+corrupted per key)")  # fmt: skip
+    Path(args.diagnosis_out).write_text(json.dumps(out, indent=1))
+    print(f"diagnosis: {args.diagnosis_out}")
+
+
 def meta_train(args, tok_dir, scorer_dir, model_cfg):
     import lightning as L
     import torch
@@ -254,6 +297,8 @@ def meta_train(args, tok_dir, scorer_dir, model_cfg):
 
 def main(argv=None):  # noqa: C901 - a linear script
     args = parse_args(argv)
+    if args.diagnose:
+        return diagnose(args)
     import logging
     import warnings
 
