@@ -25,6 +25,7 @@ from lightning_eff.select import (
     DataWhispererScorer,
     RandomScorer,
     data_whisperer_scores,
+    matched_share,
     plan_prompts,
     top_k,
 )
@@ -154,6 +155,82 @@ def test_passes_through_the_functional_entry_point():
 
 
 # ------------------------------------------------------------------------------------------------
+# matched queries: one query per demonstration, asking its key
+# ------------------------------------------------------------------------------------------------
+def test_matched_queries_ask_the_key_of_every_demonstration():
+    pool = generate_lookup_task(41, task_seed=5, seed=1, num_keys=6)
+    val = generate_lookup_task(30, task_seed=5, seed=2, num_keys=6)
+    dk, qk = [r["key"] for r in pool], [r["key"] for r in val]
+    assert set(qk) == set(LookupTask.draw(5, 6).keys)  # every key has validation queries
+    plans = plan_prompts(41, 5, 5, seed=0, num_query_records=30, passes=2, demo_keys=dk, query_keys=qk)
+    for p in range(2):  # every example is a demonstration exactly once per pass
+        assert sorted(i for pl in plans if pl.pass_index == p for i in pl.demos) == list(range(41))
+    for pl in plans:
+        assert len(pl.queries) == len(pl.demos) and pl.external_queries
+        assert sorted(qk[q] for q in pl.queries) == sorted(dk[d] for d in pl.demos)
+    assert matched_share(plans, dk, qk) == 1.0
+    # n_queries = 1: one prompt per demonstration, the same demonstrations, together asking every key once
+    single = plan_prompts(41, 5, 1, seed=0, num_query_records=30, demo_keys=dk, query_keys=qk)
+    assert len(single) == 41 and all(len(pl.queries) == 1 for pl in single)
+    by_batch = {}
+    for pl in single:
+        by_batch.setdefault(pl.demos, []).append(qk[pl.queries[0]])
+    assert len(by_batch) == 9 and all(sorted(ks) == sorted(dk[d] for d in demos) for demos, ks in by_batch.items())
+    # the official cycle of 3 queries per prompt asks the key of only some demonstrations (counted by hand here)
+    official = plan_prompts(41, 5, 3, seed=0, num_query_records=30)
+    hits = sum(dk[d] in {qk[q] for q in pl.queries} for pl in official for d in pl.demos)
+    assert matched_share(official, dk, qk) == hits / 41 < 1.0
+    # a key without a validation query falls back to the plain cycle (and is not matched)
+    few = [r for r in val if r["key"] != dk[0]]
+    fk = [r["key"] for r in few]
+    plans = plan_prompts(41, 5, 5, seed=0, num_query_records=len(few), demo_keys=dk, query_keys=fk)
+    assert all(len(pl.queries) == len(pl.demos) for pl in plans) and matched_share(plans, dk, fk) < 1.0
+    with pytest.raises(ValueError, match="both"):
+        plan_prompts(41, 5, 3, num_query_records=30, demo_keys=dk)
+    with pytest.raises(ValueError, match="num_query_records"):
+        plan_prompts(41, 5, 3, demo_keys=dk, query_keys=qk)
+    with pytest.raises(ValueError, match="entries"):
+        plan_prompts(41, 5, 3, num_query_records=30, demo_keys=dk[:-1], query_keys=qk)
+
+
+def _copier(texts, n_answers):
+    """An ideal in-context learner: answers each query with the value its prompt's demonstrations give its key."""
+    out = []
+    for text in texts:
+        shown = dict(re.findall(r"Code of (\w)\? \w(\d) ####", text))
+        qs = re.findall(r"Q\d+: Code of (\w)\?", text)
+        out.append("".join(f"Q{k}: #### {shown.get(q, '-1')}\n" for k, q in enumerate(qs, 1)))
+    return out
+
+
+def _auroc(scores, clean):
+    pairs = (scores[clean][:, None] > scores[~clean][None, :]).double()
+    return float((pairs + 0.5 * (scores[clean][:, None] == scores[~clean][None, :]).double()).mean())
+
+
+def test_matched_queries_let_the_score_see_each_demonstrations_own_correctness():
+    """With an ideal copier, a corrupted demonstration makes exactly the query of its key wrong. Matched queries
+    always ask that key, so Data Whisperer's scores rank clean above corrupted better than the official cycle,
+    whose queries ask a demonstration's key only sometimes."""
+    tok = icl_task_tokenizer()
+    torch.manual_seed(0)
+    lm = build_causal_lm(TINY, tok).eval()
+    pool = generate_lookup_task(150, task_seed=4, seed=1, num_keys=6, noise=0.3, corruption="systematic")
+    val = generate_lookup_task(30, task_seed=4, seed=2, num_keys=6)
+    clean = torch.tensor([not r["corrupted"] for r in pool])
+    kw = dict(template=icl_task_template(), layer=1, progress=False, predict_fn=_copier, prompt_batch_size=30)
+    matched = data_whisperer_scores(lm, tok, pool, val, query_match="key", passes=3, **kw)
+    cycle = data_whisperer_scores(lm, tok, pool, val, passes=3, **kw)
+    assert matched.num_queries == 3 * 150  # one query per demonstration and pass
+    assert _auroc(matched.scores, clean) > _auroc(cycle.scores, clean) + 0.05
+    assert _auroc(matched.scores, clean) > 0.75
+    with pytest.raises(ValueError, match="query_match.*query_records"):
+        data_whisperer_scores(lm, tok, pool, None, query_match="key", **kw)
+    with pytest.raises(ValueError, match="not a field"):
+        data_whisperer_scores(lm, tok, pool, val, query_match="topic", **kw)
+
+
+# ------------------------------------------------------------------------------------------------
 # warnings
 # ------------------------------------------------------------------------------------------------
 def test_a_scorer_that_never_answers_right_warns_and_names_the_cause(monkeypatch):
@@ -255,23 +332,24 @@ def test_a_new_selection_seed_gives_a_new_random_and_warmup_selection_but_reuses
 @pytest.mark.skipif(not SCORER_DIR.is_dir(), reason="the committed benchmark scorer is missing")
 def test_meta_trained_scorer_answers_in_context_and_ranks_clean_above_corrupted():
     """The committed CI-sized scorer (benchmarks/results/data_whisperer/scorer, meta-trained on the lookup family)
-    on a task it never saw (task 123; the benchmark's is 0): in-context accuracy above chance (1/10), and
-    Data Whisperer's scores put clean demonstrations above corrupted ones more often than not (AUROC > 0.5)."""
+    on a task it never saw (task 123; the benchmark's is 0): in-context accuracy above 0.3 (chance 1/10), and
+    Data Whisperer's scores put clean demonstrations above corrupted ones more often than not (AUROC > 0.6)."""
     torch.manual_seed(0)
     lm = build_causal_lm(str(SCORER_DIR)).eval()
     tok = load_tokenizer(str(SCORER_DIR))
     pool = generate_lookup_task(120, task_seed=123, seed=1, num_keys=6, noise=0.3, corruption="systematic")
     val = generate_lookup_task(24, task_seed=123, seed=2, num_keys=6)
     res = data_whisperer_scores(lm, tok, pool, val, template=icl_task_template(), prompt_batch_size=24, passes=2,
-                                progress=False)  # fmt: skip
+                                query_match="key", n_queries=5, progress=False)  # fmt: skip
     accuracy = res.query_score_sum / res.num_queries
-    # measured with the committed scorer: accuracy 0.181 over 144 queries (chance 0.1; 0.15 is 2 binomial sd above)
-    assert res.num_skipped / res.num_prompts < 0.2 and accuracy > 0.14
+    # measured with the committed scorer (matched queries, 5 per prompt, as in the benchmark): accuracy 0.388 over
+    # 240 queries, no unparsed prompt (chance 0.1; 0.3 is about 3 binomial sd below the measurement)
+    assert res.num_skipped / res.num_prompts < 0.1 and accuracy > 0.3
     scores, clean = res.scores, torch.tensor([not r["corrupted"] for r in pool])
     pairs = (scores[clean][:, None] > scores[~clean][None, :]).double() + 0.5 * (
         scores[clean][:, None] == scores[~clean][None, :]
     ).double()
-    assert float(pairs.mean()) > 0.55  # AUROC of clean vs corrupted; measured 0.655 (0.5: no signal)
+    assert float(pairs.mean()) > 0.6  # AUROC of clean vs corrupted; measured 0.688 (0.5: no signal)
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ import random
 import string
 from dataclasses import dataclass
 
-from lightning_eff.utils.checks import check_float, check_int
+from lightning_eff.utils.checks import check_choice, check_float, check_int
 
 __all__ = [
     "CORRUPTIONS",
@@ -73,6 +73,7 @@ def icl_task_template():
         response_header="\nAnswers:\n",
         answer_marker="Q{k}:",
     )
+
 
 @dataclass(frozen=True)
 class LookupTask:
@@ -141,8 +142,7 @@ def generate_lookup_task(
     check_int(num_examples, "num_examples", minimum=0, owner=owner)
     check_int(num_keys, "num_keys", minimum=1, maximum=len(_LETTERS), owner=owner)
     check_float(noise, "noise", low=0.0, high=1.0, owner=owner)
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"{owner}: `corruption` must be one of {CORRUPTIONS}, got {corruption!r}.")
+    check_choice(corruption, "corruption", CORRUPTIONS, owner=owner)
     task = LookupTask.draw(task_seed, num_keys)
     rng = random.Random(f"lookup-records-{task_seed}-{seed}")
     n_noisy = round(noise * num_examples)
@@ -228,7 +228,7 @@ def icl_task_tokenizer(vocab_size: int = 320):
         >>> tok.convert_ids_to_tokens(tok("Code of K?", add_special_tokens=False)["input_ids"])
         ['Code', 'Ġof', 'ĠK', '?']
     """
-    from lightning_eff.llm.arithmetic import DEFAULT_PROMPT
+    from lightning_eff.llm.data import DEFAULT_PROMPT
     from lightning_eff.llm.tokenization import train_bpe_tokenizer
 
     texts = [d["question"] + d["answer"] for d in icl_meta_training_records(300, seed=12345)]

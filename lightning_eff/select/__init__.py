@@ -6,7 +6,8 @@
 * Scorers, chosen by ``class_path``: :class:`DataWhispererScorer`, :class:`RandomScorer`, :class:`EL2NScorer`,
   :class:`GraNdScorer` (:mod:`lightning_eff.select.scorers`).
 * :func:`demonstration_weights`, :func:`layer_attention`, :func:`data_whisperer_scores`: the method's pure parts
-  (:mod:`lightning_eff.select.data_whisperer`).
+  (:mod:`lightning_eff.select.data_whisperer`, which runs the procedure; the scoring math is in ``scoring``, the
+  attention re-run in ``attention``, the prompt plan in ``planning``, generation in ``generation``).
 * :func:`el2n_from_logits`, :func:`el2n_scores`, :func:`grand_scores`, :func:`random_scores`: baselines.
 """
 
@@ -23,6 +24,7 @@ from lightning_eff.select.data_whisperer import (
     default_attention_layer,
     demonstration_weights,
     layer_attention,
+    matched_share,
     plan_prompts,
     query_scores,
     token_spans,
@@ -69,6 +71,7 @@ __all__ = [
     "grand_scores",
     "layer_attention",
     "load_selection",
+    "matched_share",
     "model_fingerprint",
     "plan_prompts",
     "query_scores",

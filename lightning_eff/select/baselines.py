@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_eff.llm.data import IGNORE_INDEX, InstructionCollator, InstructionDataset
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["random_scores", "el2n_from_logits", "warmup_finetune", "el2n_scores", "grand_scores"]
 
@@ -99,8 +100,7 @@ def warmup_finetune(
     """
     from tqdm.auto import tqdm
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"warmup_finetune: `steps` must be an int >= 0, got {steps!r}.")
+    check_int(steps, "steps", minimum=0, owner="warmup_finetune")
     tuned = copy.deepcopy(model)
     tuned.train()
     params = [p for p in tuned.parameters() if p.requires_grad]

@@ -25,6 +25,10 @@ Procedure (paper Sec. 3, official ``evaluate`` / ``_evaluate_single_fold``):
    divided by the number of queries it was scored with, i.e. ``score_j = w_j * mean_k s_k`` (averaged
    over prompts if it appears in several). The top ``ratio`` by score are kept.
 
+Layout: the scoring math (Eq. 4-6) is in :mod:`~lightning_eff.select.scoring`, the attention re-run in
+:mod:`~lightning_eff.select.attention`, the prompt plan in :mod:`~lightning_eff.select.planning`, generation and
+answer parsing in :mod:`~lightning_eff.select.generation`; this module runs the procedure and re-exports them.
+
 Where we depart from the official code, and why:
 
 * Token spans come from the tokenizer's character offsets of the joint prompt (:func:`token_spans`),
@@ -46,19 +50,25 @@ Where we depart from the official code, and why:
 
 from __future__ import annotations
 
-import contextvars
 import math
-import re
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from lightning_eff.llm.metrics import METRICS, extract_answer, extract_predictions
+from lightning_eff.llm.metrics import METRICS
+from lightning_eff.select.attention import _num_layers, default_attention_layer, layer_attention
+from lightning_eff.select.generation import _generate, split_answers
+from lightning_eff.select.planning import PromptPlan, matched_share, plan_prompts
 from lightning_eff.select.prompts import ICLTemplate, build_icl_prompt
+from lightning_eff.select.scoring import (
+    WhispererResult,
+    accumulate_scores,
+    demonstration_weights,
+    query_scores,
+    token_spans,
+)
+from lightning_eff.utils.checks import check_choice, check_int
 
 __all__ = [
     "demonstration_weights",
@@ -71,570 +81,9 @@ __all__ = [
     "data_whisperer_scores",
     "PromptPlan",
     "WhispererResult",
+    "matched_share",
+    "split_answers",
 ]
-
-
-# ------------------------------------------------------------------------------------------------
-# pure math
-# ------------------------------------------------------------------------------------------------
-def demonstration_weights(
-    attention: Tensor, demo_spans: Sequence[tuple[int, int]], response_span: tuple[int, int]
-) -> Tensor:
-    """Normalised attention weight ``w_j`` of each demonstration (paper Eq. 4-5).
-
-    ``a_j = A[R, D_j].sum() / (|D_j| |R|)`` and ``w_j = a_j / sum_j' a_j'``, where ``A`` is the head-summed
-    attention ``[query_len, key_len]``, ``D_j = [start_j, end_j)`` a demonstration's key (column) span and
-    ``R = [start, end)`` the response block's query (row) span. If every ``a_j`` is 0 the weights are uniform.
-
-    Args:
-        attention: ``[query_len, key_len]`` attention summed over heads.
-        demo_spans: ``[(start, end), ...]`` column spans, non-empty and inside ``key_len``.
-        response_span: ``(start, end)`` row span, non-empty and inside ``query_len``.
-
-    Returns:
-        float tensor ``[len(demo_spans)]`` summing to 1.
-
-    Example::
-
-        >>> A = torch.tensor([[1., 0., 0., 0.], [.5, .5, 0., 0.], [.2, .2, .6, 0.], [.1, .3, .2, .4]])
-        >>> demonstration_weights(A, [(0, 1), (1, 3)], (2, 4))  # a = (.3/2, 1.3/4)
-        tensor([0.3158, 0.6842])
-    """
-    if not isinstance(attention, Tensor) or attention.ndim != 2:
-        shape = tuple(attention.shape) if isinstance(attention, Tensor) else type(attention).__name__
-        raise ValueError(
-            f"demonstration_weights: `attention` must be a 2-D tensor [query_len, key_len], got {shape}."
-        )
-    n_rows, n_cols = attention.shape
-    if len(demo_spans) == 0:
-        raise ValueError("demonstration_weights: `demo_spans` must not be empty.")
-    r0, r1 = (int(v) for v in response_span)
-    if not 0 <= r0 < r1 <= n_rows:
-        raise ValueError(
-            f"demonstration_weights: `response_span` {tuple(response_span)} must satisfy 0 <= start < end <= "
-            f"query_len={n_rows}."
-        )
-    rows = attention[r0:r1].to(torch.float64)
-    a = []
-    for j, span in enumerate(demo_spans):
-        s, e = (int(v) for v in span)
-        if not 0 <= s < e <= n_cols:
-            raise ValueError(
-                f"demonstration_weights: demo span {j} = {tuple(span)} must satisfy 0 <= start < end <= "
-                f"key_len={n_cols}."
-            )
-        a.append(rows[:, s:e].sum() / ((e - s) * (r1 - r0)))
-    a_t = torch.stack(a)
-    total = a_t.sum()
-    if not torch.isfinite(total):
-        raise ValueError("demonstration_weights: the attention contains NaN or inf.")
-    if total <= 0:
-        return torch.full((len(a),), 1.0 / len(a), dtype=torch.float32)
-    return (a_t / total).to(torch.float32)
-
-
-def token_spans(
-    offsets: Sequence[tuple[int, int]],
-    char_spans: Sequence[tuple[int, int]],
-    special_tokens_mask: Sequence[int] | None = None,
-) -> list[tuple[int, int]]:
-    """Map ``[start, end)`` character spans to ``[first, last + 1)`` token spans.
-
-    A token belongs to the character span that contains its first character (``offsets[t][0]``); special
-    tokens (``special_tokens_mask[t] == 1``) and zero-width tokens belong to none. Tokens of one span are
-    contiguous because offsets increase.
-
-    Args:
-        offsets: per-token ``(char_start, char_end)`` from a fast tokenizer's ``return_offsets_mapping``.
-        char_spans: character spans to map.
-        special_tokens_mask: per-token 1 for special tokens (optional).
-
-    Raises:
-        ValueError: a span contains no token.
-
-    Example::
-
-        >>> token_spans([(0, 0), (0, 3), (3, 4), (4, 9), (9, 12)], [(0, 4), (4, 12)], [1, 0, 0, 0, 0])
-        [(1, 3), (3, 5)]
-    """
-    starts = [
-        (
-            int(s)
-            if int(e) > int(s) and not (special_tokens_mask is not None and special_tokens_mask[t])
-            else -1
-        )
-        for t, (s, e) in enumerate(offsets)
-    ]
-    out = []
-    for cs, ce in char_spans:
-        members = [t for t, s in enumerate(starts) if s >= 0 and cs <= s < ce]
-        if not members:
-            raise ValueError(f"token_spans: no token starts inside the character span ({cs}, {ce}).")
-        out.append((members[0], members[-1] + 1))
-    return out
-
-
-#: The official layer choice (``predict_batch``) by (model_type, num_hidden_layers).
-_OFFICIAL_LAYERS: dict[tuple[str, int], int] = {
-    ("llama", 32): 13,  # Meta-Llama-3-8B-Instruct
-    ("mistral", 40): 13,  # Mistral-Nemo-Instruct-2407
-    ("qwen2", 36): 16,  # Qwen2.5-3B-Instruct
-    ("qwen2", 28): 16,  # Qwen2.5-7B-Instruct
-    ("mistral", 32): 10,  # Mistral-7B-Instruct-v0.2
-}
-
-
-def default_attention_layer(config: Any) -> int:
-    """The attention layer Data Whisperer reads for a model config (see the module docstring).
-
-    Example::
-
-        >>> from types import SimpleNamespace as NS
-        >>> default_attention_layer(NS(model_type="llama", num_hidden_layers=32))
-        13
-        >>> default_attention_layer(NS(model_type="gemma", num_hidden_layers=26)), default_attention_layer(
-        ...     NS(model_type="llama", num_hidden_layers=4))
-        (11, 2)
-    """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_layers = getattr(text_config, "num_hidden_layers", None)
-    if not isinstance(n_layers, int) or n_layers < 1:
-        raise ValueError(
-            f"default_attention_layer: the config has no positive `num_hidden_layers` ({n_layers!r})."
-        )
-    model_type = getattr(text_config, "model_type", "") or getattr(config, "model_type", "")
-    if (model_type, n_layers) in _OFFICIAL_LAYERS:
-        return _OFFICIAL_LAYERS[(model_type, n_layers)]
-    return 11 if n_layers > 11 else n_layers // 2
-
-
-# ------------------------------------------------------------------------------------------------
-# the attention re-run
-# ------------------------------------------------------------------------------------------------
-_PROBE_NAME = "lightning_eff_attention_probe"
-_PROBE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "lightning_eff_attention_probe", default=None
-)
-
-
-class _StopForward(Exception):
-    """Raised by the probe once layer L's attention is captured, to skip the remaining layers."""
-
-
-def _probe_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                     scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Any]:  # fmt: skip
-    state = _PROBE.get()
-    if state is not None and getattr(module, "layer_idx", None) == state["layer"]:
-        modeling = sys.modules.get(type(module).__module__)
-        eager = getattr(modeling, "eager_attention_forward", None)
-        if eager is None:
-            from transformers.models.llama.modeling_llama import eager_attention_forward as eager
-        rows = state["rows"]
-        q = query if rows is None else query[:, :, -rows:]
-        mask = attention_mask
-        if mask is not None and rows is not None:
-            mask = mask[:, :, -rows:, :]
-        _, weights = eager(module, q, key, value, mask, scaling=scaling, dropout=0.0, **kwargs)
-        state["attention"] = weights.float().sum(dim=1)
-        raise _StopForward
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
-
-
-def _register_probe() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
-
-    if _PROBE_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(_PROBE_NAME, _probe_attention)
-        AttentionMaskInterface.register(_PROBE_NAME, eager_mask)
-
-
-def _num_layers(model: Any) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.num_hidden_layers)
-
-
-@torch.no_grad()
-def layer_attention(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, layer: int, last_rows: int | None = None
-) -> Tensor:
-    """Head-summed attention of one layer for a (left-padded) batch of prompts: ``[B, rows, T]``.
-
-    Equals ``model(..., output_attentions=True).attentions[layer].sum(1)`` of an eager forward (restricted to
-    the last ``last_rows`` query rows when given), but runs eager attention at ``layer`` only, computes only
-    the requested rows and skips the layers after ``layer``. Models that do not dispatch attention through
-    ``transformers``' ``AttentionInterface`` fall back to a full forward with ``output_attentions=True``.
-
-    Args:
-        model: a ``transformers`` causal LM.
-        input_ids: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` 1 for tokens, 0 for (left) padding.
-        layer: 0-based decoder layer.
-        last_rows: number of final query rows to compute (``None``: all ``T``).
-
-    Raises:
-        ValueError: ``layer`` out of range, or the model returns no attention weights.
-
-    Example::
-
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> _ = torch.manual_seed(0)
-        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
-        ...                                   num_hidden_layers=2, num_attention_heads=2)).eval()
-        >>> ids = torch.randint(0, 50, (1, 6))
-        >>> A = layer_attention(lm, ids, torch.ones_like(ids), layer=1)
-        >>> A.shape, torch.allclose(A.sum(-1), torch.full((1, 6), 2.0))  # 2 heads, rows sum to 1 each
-        (torch.Size([1, 6, 6]), True)
-    """
-    n_layers = _num_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer_attention: `layer` must be an int in [0, {n_layers - 1}], got {layer!r}.")
-    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"layer_attention: `input_ids` and `attention_mask` must both be [B, T], got {tuple(input_ids.shape)} "
-            f"and {tuple(attention_mask.shape)}."
-        )
-    t = input_ids.shape[1]
-    rows = None if last_rows is None or last_rows >= t else int(last_rows)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    _register_probe()
-    previous = getattr(model.config, "_attn_implementation", None)
-    state: dict[str, Any] = {"layer": layer, "rows": rows, "attention": None}
-    token = _PROBE.set(state)
-    try:
-        import logging
-
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity(logging.ERROR)  # a model that cannot switch only warns; we fall back below
-        try:
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(_PROBE_NAME)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        try:
-            model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
-        except _StopForward:
-            pass
-    finally:
-        _PROBE.reset(token)
-        if getattr(model.config, "_attn_implementation", None) != previous:
-            model.set_attn_implementation(previous)
-    if state["attention"] is not None:
-        return state["attention"]
-    # Fallback: a model that does not route attention through AttentionInterface.
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        output_attentions=True,
-    )
-    attentions = getattr(out, "attentions", None)
-    if not attentions or len(attentions) <= layer or attentions[layer] is None:
-        raise ValueError(
-            f"layer_attention: {type(model).__name__} returns no attention weights for layer {layer} "
-            f"(output_attentions=True gave {type(attentions).__name__}); Data Whisperer needs a model whose "
-            f"attention goes through transformers' AttentionInterface or that returns `attentions`."
-        )
-    attn = attentions[layer].float().sum(dim=1)
-    return attn if rows is None else attn[:, -rows:, :]
-
-
-# ------------------------------------------------------------------------------------------------
-# the prompt plan and the score bookkeeping
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PromptPlan:
-    """One prompt: indices of its demonstrations (training records) and of its queries (training records,
-    or ``query_records`` when ``external_queries``)."""
-
-    demos: tuple[int, ...]
-    queries: tuple[int, ...]
-    external_queries: bool = False
-    pass_index: int = 0
-
-
-def _kfold2(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """``sklearn.model_selection.KFold(n_splits=2, shuffle=True, random_state=seed).split(range(n))``, without
-    importing scikit-learn: ``RandomState(seed)`` shuffles ``arange(n)``, the first ``ceil(n / 2)`` shuffled
-    indices are fold 0's test half; both halves are returned sorted."""
-    import numpy as np
-
-    order = np.arange(n)
-    np.random.RandomState(seed).shuffle(order)
-    first = (n + 1) // 2
-    folds = []
-    for test in (order[:first], order[first:]):
-        mask = np.zeros(n, dtype=bool)
-        mask[test] = True
-        folds.append((np.flatnonzero(~mask).tolist(), np.flatnonzero(mask).tolist()))
-    return folds
-
-
-def plan_prompts(
-    num_examples: int,
-    n_demos: int = 5,
-    n_queries: int = 3,
-    seed: int = 42,
-    num_query_records: int | None = None,
-    passes: int = 1,
-) -> list[PromptPlan]:
-    """The official prompt schedule (see the module docstring, steps 1-2), repeated for ``passes`` assignments.
-
-    Pass 0 is the official schedule. Pass ``p >= 1`` (an extension: several prompt assignments averaged) first
-    permutes the training indices and the query indices with a generator seeded by ``(seed, p)``, so every
-    example is again a demonstration exactly once per pass, next to other demonstrations and queries.
-
-    Example::
-
-        >>> plans = plan_prompts(10, n_demos=2, n_queries=2, seed=0)
-        >>> len(plans), sorted(i for p in plans for i in p.demos) == list(range(10))
-        (6, True)
-        >>> all(not set(p.demos) & set(p.queries) for p in plans)
-        True
-        >>> two = plan_prompts(10, n_demos=2, n_queries=2, seed=0, passes=2)
-        >>> two[:6] == plans, sorted(i for p in two[6:] for i in p.demos) == list(range(10))
-        (True, True)
-    """
-    for name, value, low in (
-        ("num_examples", num_examples, 1),
-        ("n_demos", n_demos, 1),
-        ("n_queries", n_queries, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"plan_prompts: `{name}` must be an int >= {low}, got {value!r}.")
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"plan_prompts: `passes` must be an int >= 1, got {passes!r}.")
-    if num_query_records is not None:
-        if (
-            isinstance(num_query_records, bool)
-            or not isinstance(num_query_records, int)
-            or num_query_records < 1
-        ):
-            raise ValueError(
-                f"plan_prompts: `num_query_records` must be an int >= 1, got {num_query_records!r}."
-            )
-        folds = [(list(range(num_examples)), list(range(num_query_records)))]
-    else:
-        if num_examples < 2:
-            raise ValueError(
-                f"plan_prompts: the 2-fold demo/query split needs at least 2 examples, got {num_examples}."
-            )
-        folds = _kfold2(num_examples, seed)
-    plans = []
-    for p in range(passes):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + p)
-        for demo_pool, query_pool in folds:
-            if p > 0:
-                demo_pool = [demo_pool[i] for i in torch.randperm(len(demo_pool), generator=g).tolist()]
-                query_pool = [query_pool[i] for i in torch.randperm(len(query_pool), generator=g).tolist()]
-            demo_batches = [demo_pool[i : i + n_demos] for i in range(0, len(demo_pool), n_demos)]
-            query_batches = [query_pool[i : i + n_queries] for i in range(0, len(query_pool), n_queries)]
-            for b, demos in enumerate(demo_batches):
-                queries = query_batches[b % len(query_batches)]
-                plans.append(PromptPlan(tuple(demos), tuple(queries), num_query_records is not None, p))
-    return plans
-
-
-def query_scores(
-    predictions: Sequence[str], references: Sequence[str], metric: str = "exact_match"
-) -> list[float] | None:
-    """Per-query scores ``s_k``, or ``None`` when there are fewer predictions than references (skipped prompt).
-
-    Extra predictions are ignored (as in the official code). With ``exact_match`` the reference's final
-    number is :func:`~lightning_eff.llm.metrics.extract_answer` of the gold answer.
-
-    Example::
-
-        >>> query_scores(["4", "6"], ["2 + 2 = 4\\n#### 4", "#### 5"])
-        [1.0, 0.0]
-        >>> query_scores(["4"], ["#### 4", "#### 5"]) is None
-        True
-    """
-    if metric not in METRICS:
-        raise ValueError(f"query_scores: `metric` must be one of {tuple(METRICS)}, got {metric!r}.")
-    if len(predictions) < len(references):
-        return None
-    fn = METRICS[metric]
-    if metric == "exact_match":
-        return [fn(p, extract_answer(r)) for p, r in zip(predictions, references)]
-    return [fn(p, r) for p, r in zip(predictions, references)]
-
-
-def accumulate_scores(
-    score_sum: Tensor, count: Tensor, demo_indices: Sequence[int], weights: Tensor, scores: Sequence[float]
-) -> None:
-    """Add one prompt's contribution in place (paper Eq. 6): ``score_sum[j] += w_j * sum_k s_k``,
-    ``count[j] += n_q``; the final score is ``score_sum / count``.
-
-    Example::
-
-        >>> total, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-        >>> accumulate_scores(total, count, [0, 2], torch.tensor([0.25, 0.75]), [1.0, 0.0, 1.0])
-        >>> (total / count.clamp(min=1)).tolist()  # w_j * mean(s) = w_j * 2/3
-        [0.16666666666666666, 0.0, 0.5]
-    """
-    if len(demo_indices) != len(weights):
-        raise ValueError(f"accumulate_scores: {len(demo_indices)} demonstrations but {len(weights)} weights.")
-    idx = torch.as_tensor(list(demo_indices), dtype=torch.long, device=score_sum.device)
-    score_sum.index_add_(0, idx, weights.to(score_sum) * float(sum(scores)))
-    count.index_add_(
-        0, idx, torch.full((len(idx),), float(len(scores)), dtype=count.dtype, device=count.device)
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# generation
-# ------------------------------------------------------------------------------------------------
-_COMPLETE_ANSWER = re.compile(r"####\s*\$?\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?=[^\d.,])")
-
-
-def split_answers(response: str, n: int, template: ICLTemplate, metric: str) -> list[str]:
-    """Parse a multi-answer response: ``#### <number>`` answers in order (exact match), or the texts after
-    each ``answer_marker`` (free text; fewer than ``n`` markers gives fewer answers).
-
-    Example::
-
-        >>> split_answers("Question 1 Answer: a b\\nQuestion 2 Answer: c", 2, ICLTemplate(), "rouge_l")
-        ['a b', 'c']
-    """
-    if metric == "exact_match":
-        return extract_predictions(response)
-    marker = re.escape(template.answer_marker).replace(re.escape("{k}"), r"(\d+)")
-    matches = list(re.finditer(marker, response))
-    out = []
-    for m, nxt in zip(matches, matches[1:] + [None]):
-        out.append(response[m.end() : nxt.start() if nxt is not None else len(response)].strip())
-    return out[:n] if len(out) >= n else out
-
-
-class _AnswersComplete:
-    """Per-row stopping: a row is done once its generated text holds ``n`` complete answers."""
-
-    def __init__(
-        self, tokenizer: Any, prompt_len: int, n_answers: Sequence[int], template: ICLTemplate, metric: str
-    ):
-        self.tokenizer, self.prompt_len, self.n = tokenizer, prompt_len, list(n_answers)
-        self.metric = metric
-        self.next_marker = [template.answer_marker.format(k=k + 1) for k in self.n]
-
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        done = []
-        for text, n, marker in zip(texts, self.n, self.next_marker):
-            if self.metric == "exact_match":
-                done.append(len(_COMPLETE_ANSWER.findall(text)) >= n)
-            else:
-                done.append(marker in text)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _generate(model: Any, tokenizer: Any, input_ids: Tensor, attention_mask: Tensor, n_answers: Sequence[int],
-              max_new_tokens: int, template: ICLTemplate, metric: str) -> list[str]:  # fmt: skip
-    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-
-    from lightning_eff.llm.module import eos_token_ids
-
-    class _Stop(StoppingCriteria):
-        def __init__(self, fn: _AnswersComplete) -> None:
-            self.fn = fn
-
-        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
-            return self.fn(input_ids, scores)
-
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_token_ids(model, tokenizer),
-    )
-    stop = _AnswersComplete(tokenizer, input_ids.shape[1], n_answers, template, metric)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=config,
-        stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
-    )
-    return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# the whole procedure
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class WhispererResult:
-    """Accumulated scores of a (shard of a) Data Whisperer run.
-
-    ``score_sum`` and ``count`` are ``[N]`` (one pass) or ``[passes, N]``; a pass's score is ``score_sum / count``
-    (0 where ``count == 0``) and :attr:`scores` averages the passes in which an example was scored.
-    ``query_score_sum / num_queries`` is the scorer's in-context accuracy on the queries of the prompts that
-    were not skipped; ``num_skipped / num_prompts`` is the share of prompts with too few parsed answers."""
-
-    score_sum: Tensor
-    count: Tensor
-    num_prompts: int
-    num_skipped: int
-    query_score_sum: float = 0.0
-    num_queries: int = 0
-
-    @property
-    def pass_scores(self) -> Tensor:
-        """Per-pass scores ``[passes, N]``."""
-        s, c = self.score_sum.reshape(-1, self.score_sum.shape[-1]), self.count.reshape(-1, self.count.shape[-1])
-        return torch.where(c > 0, s / c.clamp(min=1), torch.zeros_like(s))
-
-    @property
-    def scores(self) -> Tensor:
-        """Final per-example scores ``[N]``: the mean over the passes that scored the example (0 if none did)."""
-        c = self.count.reshape(-1, self.count.shape[-1])
-        scored = (c > 0).to(self.score_sum.dtype)
-        n = scored.sum(0)
-        return torch.where(n > 0, (self.pass_scores * scored).sum(0) / n.clamp(min=1), torch.zeros_like(n))
-
-    def pass_agreement(self) -> float:
-        """Mean pairwise Spearman rank correlation between the passes' scores (NaN with one pass or constant scores).
-
-        Example::
-
-            >>> r = WhispererResult(torch.tensor([[1., 2., 3.], [1., 3., 2.]]), torch.ones(2, 3), 2, 0)
-            >>> round(r.pass_agreement(), 6)
-            0.5
-        """
-        scores = self.pass_scores
-        if scores.shape[0] < 2:
-            return float("nan")
-        ranks = torch.stack([_average_ranks(row) for row in scores])
-        corr = []
-        for i in range(len(ranks)):
-            for j in range(i + 1, len(ranks)):
-                a, b = ranks[i] - ranks[i].mean(), ranks[j] - ranks[j].mean()
-                denom = float(a.norm() * b.norm())
-                if denom > 0:
-                    corr.append(float((a * b).sum()) / denom)
-        return sum(corr) / len(corr) if corr else float("nan")
-
-
-def _average_ranks(x: Tensor) -> Tensor:
-    """Ranks of ``x`` (0-based), ties sharing their mean rank (as ``scipy.stats.rankdata(method='average')``)."""
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    values = x[order]
-    out = ranks.clone()
-    start = 0
-    for i in range(1, len(x) + 1):
-        if i == len(x) or values[i] != values[start]:
-            out[order[start:i]] = ranks[order[start:i]].mean()
-            start = i
-    return out
 
 
 def data_whisperer_scores(
@@ -652,6 +101,7 @@ def data_whisperer_scores(
     max_new_tokens: int | None = None,
     seed: int = 42,
     passes: int = 1,
+    query_match: str | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -677,6 +127,9 @@ def data_whisperer_scores(
             tokens, plus 16 per answer).
         seed: seed of the 2-fold split (official: 42) and of the shuffles of later passes.
         passes: prompt assignments averaged (see :func:`plan_prompts`); the result holds one row per pass.
+        query_match: a record field (e.g. ``"key"`` of :mod:`lightning_eff.llm.icl_tasks`): each prompt asks one
+            query per demonstration, with the same value of this field, ``n_queries`` per prompt (matched queries,
+            :func:`plan_prompts`; needs ``query_records``). ``None``: the official query cycle.
         rank: this process's rank.
         world_size: number of processes sharing the work.
         progress: show a progress bar (rank 0 only).
@@ -692,31 +145,37 @@ def data_whisperer_scores(
         raise ValueError("data_whisperer_scores: `records` is empty.")
     if query_records is not None and len(query_records) == 0:
         raise ValueError("data_whisperer_scores: `query_records` is empty.")
-    if isinstance(prompt_batch_size, bool) or not isinstance(prompt_batch_size, int) or prompt_batch_size < 1:
-        raise ValueError(
-            f"data_whisperer_scores: `prompt_batch_size` must be an int >= 1, got {prompt_batch_size!r}."
-        )
+    check_int(prompt_batch_size, "prompt_batch_size", minimum=1, owner="data_whisperer_scores")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             "data_whisperer_scores: the tokenizer must be a fast (Rust) tokenizer, which reports character offsets."
         )
-    if metric not in METRICS:
-        raise ValueError(f"data_whisperer_scores: `metric` must be one of {tuple(METRICS)}, got {metric!r}.")
+    check_choice(metric, "metric", tuple(METRICS), owner="data_whisperer_scores")
     layer = default_attention_layer(model.config) if layer is None else layer
     n_layers = _num_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(
-            f"data_whisperer_scores: `layer` must be an int in [0, {n_layers - 1}], got {layer!r}."
-        )
+    check_int(layer, "layer", minimum=0, maximum=n_layers - 1, owner="data_whisperer_scores")
     if max_new_tokens is None:
         longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records)
-        max_new_tokens = n_queries * (longest + 16)
+        max_new_tokens = (min(n_demos, n_queries) if query_match is not None else n_queries) * (longest + 16)
 
     # A template whose instruction already starts with the BOS token (official chat prompts) gets no second one.
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos and template.instruction.startswith(bos))
+    demo_keys = query_keys = None
+    if query_match is not None:
+        if query_records is None:
+            raise ValueError("data_whisperer_scores: `query_match` needs `query_records` (the clean queries).")
+        missing = [name for name, recs in (("records", records), ("query_records", query_records))
+                   if any(query_match not in r for r in recs)]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"data_whisperer_scores: `query_match`={query_match!r} is not a field of every record of {missing}."
+            )
+        demo_keys = [r[query_match] for r in records]
+        query_keys = [r[query_match] for r in query_records]
     plans = plan_prompts(
-        len(records), n_demos, n_queries, seed, None if query_records is None else len(query_records), passes
+        len(records), n_demos, n_queries, seed, None if query_records is None else len(query_records), passes,
+        demo_keys=demo_keys, query_keys=query_keys,
     )
     mine = plans[rank::world_size]
     device = next(model.parameters()).device

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +43,8 @@ from torch import Tensor
 
 from lightning_eff.llm.data import InstructionDataModule
 from lightning_eff.select.scorers import Scorer, ScoringContext, scorer_from_method
+from lightning_eff.utils.checks import check_float, check_optional_int
+from lightning_eff.utils.io import atomic_write_text
 
 __all__ = [
     "DataWhispererDataModule",
@@ -94,17 +95,7 @@ def _tied_at_cutoff(scores: Tensor, k: int) -> int:
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj))
 
 
 def load_selection(path: str | os.PathLike) -> dict[str, Any]:
@@ -236,17 +227,8 @@ class DataWhispererDataModule(InstructionDataModule):
             raise TypeError(
                 f"{name}: `scorer` must be a lightning_eff.select.Scorer (e.g. DataWhispererScorer), got {scorer!r}."
             )
-        if (
-            isinstance(ratio, bool)
-            or not isinstance(ratio, (int, float))
-            or not (0.0 < ratio <= 1.0)
-            or math.isnan(ratio)
-        ):
-            raise ValueError(f"{name}: `ratio` must be a fraction in (0, 1], got {ratio!r}.")
-        if num_selected is not None and (
-            isinstance(num_selected, bool) or not isinstance(num_selected, int) or num_selected < 1
-        ):
-            raise ValueError(f"{name}: `num_selected` must be None or an int >= 1, got {num_selected!r}.")
+        check_float(ratio, "ratio", low=0.0, high=1.0, low_open=True, owner=name)
+        check_optional_int(num_selected, "num_selected", minimum=1, owner=name)
         if scorer_model is not None and not isinstance(scorer_model, (str, dict, os.PathLike)):
             raise TypeError(
                 f"{name}: `scorer_model` must be None, a local path or a config dict, got {scorer_model!r}."
@@ -261,18 +243,9 @@ class DataWhispererDataModule(InstructionDataModule):
             raise ValueError(
                 f"{name}: `scorer_dtype` must be one of {tuple(DTYPES)} or None, got {scorer_dtype!r}."
             )
-        if selection_seed is not None and (
-            isinstance(selection_seed, bool) or not isinstance(selection_seed, int) or selection_seed < 0
-        ):
-            raise ValueError(f"{name}: `selection_seed` must be None or an int >= 0, got {selection_seed!r}.")
-        if full_finetune_seconds is not None and (
-            isinstance(full_finetune_seconds, bool)
-            or not isinstance(full_finetune_seconds, (int, float))
-            or not full_finetune_seconds > 0
-        ):
-            raise ValueError(
-                f"{name}: `full_finetune_seconds` must be None or a positive float, got {full_finetune_seconds!r}."
-            )
+        check_optional_int(selection_seed, "selection_seed", minimum=0, owner=name)
+        if full_finetune_seconds is not None:
+            check_float(full_finetune_seconds, "full_finetune_seconds", low=0.0, low_open=True, owner=name)
         if method == "full":
             self.scorer: Scorer | None = None
         elif scorer is not None:

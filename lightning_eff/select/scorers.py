@@ -35,6 +35,7 @@ from torch import Tensor
 
 from lightning_eff.llm.metrics import METRICS
 from lightning_eff.select.prompts import ICLTemplate
+from lightning_eff.utils.checks import check_choice, check_float, check_int, check_optional_int
 
 __all__ = [
     "Scorer",
@@ -46,16 +47,6 @@ __all__ = [
     "SCORERS",
     "scorer_from_method",
 ]
-
-
-def _int(owner: str, name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: `{name}` must be an int >= {low}, got {value!r}.")
-    return value
-
-
-def _opt_int(owner: str, name: str, value: Any, low: int) -> int | None:
-    return None if value is None else _int(owner, name, value, low)
 
 
 @dataclass
@@ -139,7 +130,7 @@ class RandomScorer(Scorer):
     uses_seed = True
 
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = _opt_int("RandomScorer", "seed", seed, 0)
+        self.seed = check_optional_int(seed, "seed", minimum=0, owner="RandomScorer")
 
     def settings(self) -> dict[str, Any]:
         return {"scorer": self.name, "seed": self.seed}
@@ -157,11 +148,9 @@ class _WarmupScorer(Scorer):
 
     def __init__(self, warmup_steps: int = 50, warmup_lr: float = 1e-3, seed: int | None = None) -> None:
         owner = type(self).__name__
-        self.warmup_steps = _int(owner, "warmup_steps", warmup_steps, 0)
-        if isinstance(warmup_lr, bool) or not isinstance(warmup_lr, (int, float)) or not warmup_lr > 0:
-            raise ValueError(f"{owner}: `warmup_lr` must be a positive float, got {warmup_lr!r}.")
-        self.warmup_lr = float(warmup_lr)
-        self.seed = _opt_int(owner, "seed", seed, 0)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0, owner=owner)
+        self.warmup_lr = check_float(warmup_lr, "warmup_lr", low=0.0, low_open=True, owner=owner)
+        self.seed = check_optional_int(seed, "seed", minimum=0, owner=owner)
 
     def settings(self) -> dict[str, Any]:
         return {"scorer": self.name, "warmup_steps": self.warmup_steps, "warmup_lr": self.warmup_lr,
@@ -238,6 +227,10 @@ class DataWhispererScorer(Scorer):
         passes: prompt assignments averaged (each example is a demonstration once per pass); with 2 or more the
             mean pairwise Spearman correlation of the passes' scores is reported as ``select/pass_agreement``.
         icl_template: overrides of :class:`~lightning_eff.select.prompts.ICLTemplate` fields.
+        query_match: a record field (e.g. ``"key"`` of the :mod:`lightning_eff.llm.icl_tasks` stand-in): each prompt
+            asks, for each demonstration, a validation query with the same value of that field, ``n_queries`` per
+            prompt (matched queries, an assignment choice of the benchmark, not of the paper; needs the validation
+            queries). ``None``: the official cycle of ``n_queries`` queries per prompt.
 
     Statistics (``select/...``): ``icl_accuracy`` (mean query score over the queries of the prompts whose answers
     parsed), ``unparsed_share`` (share of prompts with fewer parsed answers than queries, skipped),
@@ -264,21 +257,23 @@ class DataWhispererScorer(Scorer):
         queries_from_val: bool = True,
         passes: int = 1,
         icl_template: dict[str, str] | None = None,
+        query_match: str | None = None,
     ) -> None:
         owner = type(self).__name__
-        self.n_demos = _int(owner, "n_demos", n_demos, 1)
-        self.n_queries = _int(owner, "n_queries", n_queries, 1)
-        self.attention_layer = _opt_int(owner, "attention_layer", attention_layer, 0)
-        self.prompt_batch_size = _int(owner, "prompt_batch_size", prompt_batch_size, 1)
-        self.max_new_tokens = _opt_int(owner, "max_new_tokens", max_new_tokens, 1)
-        if metric not in METRICS:
-            raise ValueError(f"{owner}: `metric` must be one of {tuple(METRICS)}, got {metric!r}.")
-        self.metric = metric
-        self.fold_seed = _int(owner, "fold_seed", fold_seed, 0)
+        self.n_demos = check_int(n_demos, "n_demos", minimum=1, owner=owner)
+        self.n_queries = check_int(n_queries, "n_queries", minimum=1, owner=owner)
+        self.attention_layer = check_optional_int(attention_layer, "attention_layer", minimum=0, owner=owner)
+        self.prompt_batch_size = check_int(prompt_batch_size, "prompt_batch_size", minimum=1, owner=owner)
+        self.max_new_tokens = check_optional_int(max_new_tokens, "max_new_tokens", minimum=1, owner=owner)
+        self.metric = check_choice(metric, "metric", tuple(METRICS), owner=owner)
+        self.fold_seed = check_int(fold_seed, "fold_seed", minimum=0, owner=owner)
         if not isinstance(queries_from_val, bool):
             raise TypeError(f"{owner}: `queries_from_val` must be a bool, got {queries_from_val!r}.")
         self.queries_from_val = queries_from_val
-        self.passes = _int(owner, "passes", passes, 1)
+        self.passes = check_int(passes, "passes", minimum=1, owner=owner)
+        if query_match is not None and (not isinstance(query_match, str) or not query_match):
+            raise ValueError(f"{owner}: `query_match` must be a record field name or None, got {query_match!r}.")
+        self.query_match = query_match
         try:
             self.template = ICLTemplate(**(icl_template or {}))
         except (TypeError, ValueError) as err:
@@ -290,7 +285,8 @@ class DataWhispererScorer(Scorer):
         return {"scorer": self.name, "n_demos": self.n_demos, "n_queries": self.n_queries,
                 "attention_layer": self.attention_layer, "max_new_tokens": self.max_new_tokens,
                 "metric": self.metric, "fold_seed": self.fold_seed, "queries_from_val": self.queries_from_val,
-                "passes": self.passes, "template": self.template.__dict__}  # fmt: skip
+                "passes": self.passes, "template": self.template.__dict__,
+                **({"query_match": self.query_match} if self.query_match is not None else {})}  # fmt: skip
 
     def uses_queries(self, query_records: Sequence[dict] | None) -> bool:
         """Whether the queries come from ``query_records`` (the validation split)."""
@@ -306,18 +302,23 @@ class DataWhispererScorer(Scorer):
                 f"come from the training set (2-fold split), so they carry its label noise. Give a validation split "
                 f"(`num_val` or `val_path`)."
             )
+        if self.query_match is not None and queries is None:
+            raise ValueError(
+                f"{ctx.owner}: DataWhispererScorer(query_match={self.query_match!r}) needs the validation queries "
+                f"(`queries_from_val=True` and a validation split: `num_val` or `val_path`)."
+            )
         result = dw.data_whisperer_scores(
             ctx.model, ctx.tokenizer, ctx.records, queries, n_demos=self.n_demos, n_queries=self.n_queries,
             layer=self.attention_layer, template=self.template, metric=self.metric,
             prompt_batch_size=self.prompt_batch_size, max_new_tokens=self.max_new_tokens, seed=self.fold_seed,
-            passes=self.passes, rank=ctx.rank, world_size=ctx.world_size, progress=ctx.progress,
+            passes=self.passes, query_match=self.query_match, rank=ctx.rank, world_size=ctx.world_size, progress=ctx.progress,
         )  # fmt: skip
         score_sum, count = ctx.reduce(result.score_sum), ctx.reduce(result.count)
         totals = ctx.reduce(torch.tensor([float(result.num_prompts), float(result.num_skipped),
                                           result.query_score_sum, float(result.num_queries)], dtype=torch.float64))  # fmt: skip
         prompts, skipped, q_sum, q_num = (float(v) for v in totals)
         reduced = dw.WhispererResult(score_sum, count, int(prompts), int(skipped), q_sum, int(q_num))
-        n_all = q_num + skipped * self.n_queries
+        n_all = q_num + skipped * (min(self.n_demos, self.n_queries) if self.query_match else self.n_queries)
         ctx.stats.update(
             prompts=prompts,
             skipped_prompts=skipped,
