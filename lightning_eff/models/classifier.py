@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_eff.utils.distributed import ProcessGroupCleanup
 from lightning_eff.utils.hparams import save_plain_hyperparameters
 
 __all__ = ["ImageClassifier"]
@@ -34,7 +35,7 @@ def _infer_num_classes(net: nn.Module) -> int:
     )
 
 
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(ProcessGroupCleanup, L.LightningModule):
     """Cross-entropy image classification of any ``net`` (logits ``[B, num_classes]``).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (progress bar), ``test/loss`` and
@@ -140,9 +141,8 @@ class ImageClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the net against the trainer's :class:`ClassificationDataModule` (class count, image shape)."""
         from lightning_eff.data.base import ClassificationDataModule
-        from lightning_eff.utils.distributed import destroy_process_group_at_exit
 
-        destroy_process_group_at_exit()
+        super().setup(stage)  # ProcessGroupCleanup
         trainer = getattr(self, "_trainer", None)
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if isinstance(datamodule, ClassificationDataModule):
