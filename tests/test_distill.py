@@ -448,7 +448,7 @@ def test_distill_configs_fit_through_the_cli(path, tmp_path, monkeypatch):
     if "batch_real" in text and "StaticSet" not in text:
         overrides += ["--model.init_args.batch_real=16"]
     if "ncfm.NCFM" in text:
-        overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain_epochs=1",
+        overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain.epochs=1",
                       "--model.init_args.num_freqs=64"]
     LightningEffCLI(args=["fit", "--config", str(path), *overrides])
     synset = SyntheticSet.load(tmp_path / "synthetic_set.pt")

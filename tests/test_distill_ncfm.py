@@ -18,6 +18,7 @@ from lightning_eff.data import DigitsDataModule
 from lightning_eff.distill import DistillPlugin, SyntheticSet, evaluate_synthetic
 from lightning_eff.distill.ncfm import (
     NCFM,
+    FeatureNetPretraining,
     FeatureNetworks,
     SamplingNet,
     ascent_gradient,
@@ -383,8 +384,8 @@ def test_resume_continues_identically(digits, feature_file, tmp_path):
 
 
 def test_pretrains_in_setup_when_no_file_exists(digits, tmp_path):
-    module = NCFM(tiny_net(), ipc=1, batch_real=8, num_freqs=32, num_feature_nets=1, pretrain_epochs=1,
-                  save_dir=str(tmp_path))
+    module = NCFM(tiny_net(), ipc=1, batch_real=8, num_freqs=32, num_feature_nets=1,
+                  pretrain=FeatureNetPretraining(epochs=1), save_dir=str(tmp_path))
     trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
     nets = FeatureNetworks.load(tmp_path / "feature_networks.pt")
     assert len(nets) == 1 and nets.metadata["epochs"] == 1
@@ -494,7 +495,7 @@ def test_digits_configs_fit_through_the_cli(name, tmp_path, monkeypatch):
         "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
         f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.save_dir={tmp_path}",
         "--model.init_args.batch_real=16", "--model.init_args.num_freqs=64",
-        "--model.init_args.num_feature_nets=1", "--model.init_args.pretrain_epochs=1",
+        "--model.init_args.num_feature_nets=1", "--model.init_args.pretrain.epochs=1",
         "--model.init_args.net.init_args.width=8",
     ]
     LightningEffCLI(args=["fit", "--config", str(ROOT / "configs" / "distill" / name), *overrides])

@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_eff.distill.base import DistillPlugin, DistillStep, _seed_from, train_reference_networks
+from lightning_eff.distill.base import DistillPlugin, DistillStep, train_reference_networks
+from lightning_eff.utils.seeding import derive_seed
 
 if TYPE_CHECKING:
     from lightning_eff.distill.base import DistillationModule
@@ -271,7 +272,7 @@ class SDC(DistillPlugin):
                 self.num_nets,
                 self.train_epochs,
                 self.net_lr,
-                seed=_seed_from(self.seed, "sdc"),
+                seed=derive_seed(self.seed, "sdc"),
                 strategy=trainer.strategy,
             )
         if self.mode == "real" and self._difficulty is None:
@@ -344,7 +345,7 @@ class SDC(DistillPlugin):
         if w == 0:
             return None  # nothing drawn, nothing added: the run is the method's own
         # own generator: the method's shared/local draws are the same with and without SDC
-        gen = torch.Generator().manual_seed(_seed_from(self.seed, step.iteration, "sdc"))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step.iteration, "sdc"))
         net = self._network(module, step, gen)
         images, labels = module.training_images()
         if self.batch_syn is not None and self.batch_syn < images.shape[0]:
