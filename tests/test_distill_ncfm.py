@@ -200,7 +200,7 @@ def test_the_official_two_backward_scheme_leaves_psi_untrained(digits, feature_f
     (-loss).backward()
     assert all(float(p.grad.abs().max()) == 0.0 for p in psi.parameters())
 
-    import lightning_eff.distill.ncfm as ncfm_module
+    import lightning_eff.distill.ncfm.module as ncfm_module  # where NCFM looks ascent_gradient up
 
     module = make(feature_file, use_sampling_net=True, calib_weight=0.0, save_dir=str(tmp_path))
     trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
