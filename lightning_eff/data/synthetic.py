@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_eff.data.base import ClassificationDataModule, ImageTensorDataset, _check_int
+from lightning_eff.data.base import ClassificationDataModule, ImageTensorDataset
 from lightning_eff.data.synthetic_set import SyntheticSet
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["SyntheticSetDataModule"]
 
@@ -127,7 +128,7 @@ class SyntheticSetDataModule(ClassificationDataModule):
         self.use_soft_labels = use_soft_labels
         self.use_privileged = use_privileged
         self.augment = augment
-        self.seed = _check_int(name, "seed", seed)
+        self.seed = check_int(seed, "seed", owner=name)
         self.save_hyperparameters(ignore=["real", "augment"])
         self._synset: SyntheticSet | None = None
         self._generator: torch.Generator | None = None

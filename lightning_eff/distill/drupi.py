@@ -61,6 +61,7 @@ from lightning_eff.distill.base import (
 )
 from lightning_eff.distill.evaluate import _FeatureTap, pool_privileged
 from lightning_eff.distill.gm import DISTANCES, get_loops, gradient_distance
+from lightning_eff.utils.checks import check_choice, check_int
 from lightning_eff.utils.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -117,14 +118,10 @@ class DRUPI(DistillPlugin):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"DRUPI: kind must be one of {KINDS}, got {kind!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"DRUPI: pooling must be one of {POOLINGS}, got {pooling!r}")
-        if init not in INITS:
-            raise ValueError(f"DRUPI: init must be one of {INITS}, got {init!r}")
-        if distance not in DISTANCES:
-            raise ValueError(f"DRUPI: distance must be one of {DISTANCES}, got {distance!r}")
+        check_choice(kind, "kind", KINDS, owner="DRUPI")
+        check_choice(pooling, "pooling", POOLINGS, owner="DRUPI")
+        check_choice(init, "init", INITS, owner="DRUPI")
+        check_choice(distance, "distance", DISTANCES, owner="DRUPI")
         for name, value in (("weight", weight), ("class_weight", class_weight), ("momentum", momentum)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"DRUPI: {name} must be a number >= 0, got {value!r}")
@@ -140,8 +137,7 @@ class DRUPI(DistillPlugin):
         ):
             if value is None and name in ("outer_loop", "inner_loop"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"DRUPI: {name} must be an integer >= {low}, got {value!r}")
+            check_int(value, name, minimum=low, owner="DRUPI")
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"DRUPI: layer must be the name of a submodule (e.g. 'encoder'), got {layer!r}")
         if class_weight > 0 and kind != "feature":

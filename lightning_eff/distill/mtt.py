@@ -47,6 +47,7 @@ from lightning_eff.distill.reference import (
     load_experts,
     train_experts,
 )
+from lightning_eff.utils.checks import check_int, check_optional_int
 
 __all__ = [
     "TrajectoryMatching",
@@ -129,10 +130,8 @@ class TrajectoryMatching(DistillationModule):
             ("expert_epochs", expert_epochs, 1),
             ("max_start_epoch", max_start_epoch, 1),
         ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"TrajectoryMatching: {name} must be an integer >= {low}, got {value!r}")
-        if batch_syn is not None and (not isinstance(batch_syn, int) or batch_syn < 1):
-            raise ValueError(f"TrajectoryMatching: batch_syn must be None or an integer >= 1, got {batch_syn!r}")
+            check_int(value, name, minimum=low, owner="TrajectoryMatching")
+        check_optional_int(batch_syn, "batch_syn", minimum=1, owner="TrajectoryMatching")
         if not expert_lr > 0 or not lr_lr >= 0:
             raise ValueError(f"TrajectoryMatching: expert_lr must be > 0 and lr_lr >= 0, got {expert_lr}, {lr_lr}")
         if expert_dir is None and max_start_epoch - 1 + expert_epochs > expert_train_epochs:
