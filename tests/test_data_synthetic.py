@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -305,3 +306,41 @@ def test_privileged_labels_of_another_architecture_are_a_clear_error(set_path, t
     model = ImageClassifier(ConvNet(in_channels=1, num_classes=10, width=16, depth=2, image_size=8))
     with pytest.raises(ValueError, match="architecture the labels were learned with"):
         _trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(model, datamodule=dm)
+
+
+# ---------------------------------------------------------------- the artefact's new home (issue 21)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_synthetic_set_lives_in_data_and_the_old_paths_still_work():
+    import lightning_eff.data as data
+    import lightning_eff.distill as distill
+    import lightning_eff.distill.synthetic as old
+    from lightning_eff.data.synthetic_set import SyntheticSet as home
+
+    assert data.SyntheticSet is home is distill.SyntheticSet is old.SyntheticSet
+    assert old.SyntheticSetDataset is data.SyntheticSetDataset
+    assert (old.FORMAT_NAME, old.FORMAT_VERSION) == ("lightning-eff/synthetic-set", 1)
+
+
+def test_a_file_saved_before_the_move_loads_identically(tmp_path):
+    """tests/fixtures/synthetic_set_v1.pt was written by ``lightning_eff.distill.synthetic.SyntheticSet.save``
+    before issue 21 moved the class; its content is rebuilt here from the same seeded draws."""
+    g = torch.Generator().manual_seed(0)
+    images, soft, privileged = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 2, generator=g), torch.randn(
+        4, 3, generator=g
+    )
+    old = SyntheticSet.load(FIXTURES / "synthetic_set_v1.pt")
+    assert torch.equal(old.images, images) and torch.equal(old.labels, torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(old.soft_labels, soft) and torch.equal(old.privileged, privileged) and old.lr == 0.05
+    assert old.metadata == {"num_classes": 2, "mean": [0.5], "std": [0.25], "method": "fixture", "ipc": 2, "seed": 7,
+                            "image_shape": [1, 4, 4], "library_version": "0.1.0"}
+    # and a set saved now is the same file content (same format, same fields)
+    path = old.save(tmp_path / "again.pt")
+    raw_old = torch.load(FIXTURES / "synthetic_set_v1.pt", weights_only=True)
+    raw_new = torch.load(path, weights_only=True)
+    assert raw_old.keys() == raw_new.keys()
+    assert all(
+        torch.equal(raw_old[k], raw_new[k]) if isinstance(raw_old[k], torch.Tensor) else raw_old[k] == raw_new[k]
+        for k in raw_old
+    )

@@ -448,8 +448,36 @@ def test_distill_configs_fit_through_the_cli(path, tmp_path, monkeypatch):
     if "batch_real" in text and "StaticSet" not in text:
         overrides += ["--model.init_args.batch_real=16"]
     if "ncfm.NCFM" in text:
-        overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain_epochs=1",
+        overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain.epochs=1",
                       "--model.init_args.num_freqs=64"]
     LightningEffCLI(args=["fit", "--config", str(path), *overrides])
     synset = SyntheticSet.load(tmp_path / "synthetic_set.pt")
     assert synset.metadata["iterations"] == 2
+
+
+# ---------------------------------------------------------------- reference networks (issue 21's move)
+def test_reference_training_has_one_home_and_the_old_paths_still_work():
+    import lightning_eff.distill as distill
+    import lightning_eff.distill.base as base
+    import lightning_eff.distill.mtt as mtt
+    import lightning_eff.distill.reference as reference
+
+    assert base.reinitialized is reference.reinitialized is distill.reinitialized
+    assert base.train_reference_networks is reference.train_reference_networks
+    for name in ("ExpertTrajectory", "ExpertTrajectoryRecorder", "train_experts", "load_experts"):
+        assert getattr(mtt, name) is getattr(reference, name) is getattr(distill, name)
+
+
+def test_an_expert_trajectory_saved_before_the_move_loads():
+    """tests/fixtures/expert_trajectory_v1.pt was written by the former ``mtt.ExpertTrajectory.save``
+    (a seeded Linear(3, 2) at epoch 0, its parameters + 1 at epoch 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+    expert = ExpertTrajectory.load(Path(__file__).resolve().parent / "fixtures" / "expert_trajectory_v1.pt")
+    expert.check_compatible(net)
+    assert len(expert) == 2 and expert.metadata["lr"] == 0.01 and expert.metadata["net"] is None
+    for epoch, shift in ((0, 0.0), (1, 1.0)):
+        state = expert.unflatten(expert.epochs[epoch])
+        for name, p in net.named_parameters():
+            assert torch.equal(state[name], p.detach() + shift)

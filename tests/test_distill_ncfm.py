@@ -4,6 +4,7 @@ multi-formation, feature networks, the module (fit, resume, DDP, CLI, plug-ins) 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from functools import partial
@@ -18,6 +19,7 @@ from lightning_eff.data import DigitsDataModule
 from lightning_eff.distill import DistillPlugin, SyntheticSet, evaluate_synthetic
 from lightning_eff.distill.ncfm import (
     NCFM,
+    FeatureNetPretraining,
     FeatureNetworks,
     SamplingNet,
     ascent_gradient,
@@ -199,7 +201,7 @@ def test_the_official_two_backward_scheme_leaves_psi_untrained(digits, feature_f
     (-loss).backward()
     assert all(float(p.grad.abs().max()) == 0.0 for p in psi.parameters())
 
-    import lightning_eff.distill.ncfm as ncfm_module
+    import lightning_eff.distill.ncfm.module as ncfm_module  # where NCFM looks ascent_gradient up
 
     module = make(feature_file, use_sampling_net=True, calib_weight=0.0, save_dir=str(tmp_path))
     trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
@@ -383,8 +385,8 @@ def test_resume_continues_identically(digits, feature_file, tmp_path):
 
 
 def test_pretrains_in_setup_when_no_file_exists(digits, tmp_path):
-    module = NCFM(tiny_net(), ipc=1, batch_real=8, num_freqs=32, num_feature_nets=1, pretrain_epochs=1,
-                  save_dir=str(tmp_path))
+    module = NCFM(tiny_net(), ipc=1, batch_real=8, num_freqs=32, num_feature_nets=1,
+                  pretrain=FeatureNetPretraining(epochs=1), save_dir=str(tmp_path))
     trainer(tmp_path, max_steps=1).fit(module, datamodule=digits)
     nets = FeatureNetworks.load(tmp_path / "feature_networks.pt")
     assert len(nets) == 1 and nets.metadata["epochs"] == 1
@@ -494,10 +496,73 @@ def test_digits_configs_fit_through_the_cli(name, tmp_path, monkeypatch):
         "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
         f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.save_dir={tmp_path}",
         "--model.init_args.batch_real=16", "--model.init_args.num_freqs=64",
-        "--model.init_args.num_feature_nets=1", "--model.init_args.pretrain_epochs=1",
+        "--model.init_args.num_feature_nets=1", "--model.init_args.pretrain.epochs=1",
         "--model.init_args.net.init_args.width=8",
     ]
     LightningEffCLI(args=["fit", "--config", str(ROOT / "configs" / "distill" / name), *overrides])
     synset = SyntheticSet.load(tmp_path / "synthetic_set.pt")
     assert synset.metadata["iterations"] == 2 and synset.metadata["method"] == "ncfm"
-    assert (tmp_path / "feature_networks.pt").exists()
+    # the nested pretrain group: the override changed epochs, the YAML's other fields stayed
+    meta = FeatureNetworks.load(tmp_path / "feature_networks.pt").metadata
+    assert meta["epochs"] == 1 and meta["weight_decay"] == 5e-4 and meta["cutmix"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("--model.init_args.pretrain.epochs=many", "pretrain"), ("--model.init_args.pretrain_epochs=1", "pretrain_epochs")],
+)
+def test_the_pretrain_group_is_type_checked_in_yaml(override, message, monkeypatch, capsys):
+    from lightning_eff.cli import LightningEffCLI
+
+    monkeypatch.setattr(sys, "argv", ["lightning-eff"])
+    with pytest.raises(SystemExit):
+        LightningEffCLI(args=["fit", "--config", str(ROOT / "configs" / "distill" / "ncfm_digits_ipc1.yaml"), override])
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the pretraining recipe (issue 21's grouping)
+def test_feature_net_pretraining_groups_and_validates_the_recipe():
+    default = FeatureNetPretraining()
+    assert (default.epochs, default.lr, default.momentum, default.weight_decay, default.batch_size, default.cutmix) == (
+        60, 0.01, 0.9, 5e-4, 128, 0.5)  # the official pretrain_script.py
+    for kwargs, error, match in [
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"batch_size": 2.5}, TypeError, "batch_size"),
+        ({"lr": -1.0}, ValueError, "lr"),
+        ({"cutmix": 1.5}, ValueError, "cutmix"),
+        ({"momentum": True}, TypeError, "momentum"),
+    ]:
+        with pytest.raises(error, match=match):
+            FeatureNetPretraining(**kwargs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default.epochs = 3
+    # NCFM: a dataclass or a dict of its fields; anything else is an error naming `pretrain`
+    assert NCFM(tiny_net(), pretrain={"epochs": 3}).pretrain == FeatureNetPretraining(epochs=3)
+    with pytest.raises(TypeError, match="pretrain"):
+        NCFM(tiny_net(), pretrain=3)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        NCFM(tiny_net(), pretrain_epoch=3)
+
+
+def test_the_former_pretrain_keywords_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"pretrain=FeatureNetPretraining\(batch_size=64, epochs=3\)"):
+        old = NCFM(tiny_net(), pretrain_epochs=3, pretrain_batch_size=64)
+    new = NCFM(tiny_net(), pretrain=FeatureNetPretraining(epochs=3, batch_size=64))
+    assert old.pretrain == new.pretrain
+    # saved as plain data, without the deprecated keywords: a checkpoint rebuilds the same module
+    assert old.hparams["pretrain"] == new.hparams["pretrain"] == new.pretrain.as_kwargs()
+    assert not any(k.startswith("pretrain_") for k in old.hparams)
+    assert NCFM(tiny_net(), **{k: v for k, v in old.hparams.items()}).pretrain == new.pretrain
+
+
+def test_a_feature_networks_file_saved_before_the_split_loads(tmp_path):
+    """tests/fixtures/ncfm_feature_networks_v1.pt was written by the former ``ncfm.py`` (init: a seeded
+    Linear(3, 2), trained: init + 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+    nets = FeatureNetworks.load(ROOT / "tests" / "fixtures" / "ncfm_feature_networks_v1.pt")
+    assert len(nets) == 1 and nets.names == ["weight", "bias"] and nets.metadata == {"epochs": 1}
+    nets.check_compatible(net)
+    for name, value in net.state_dict().items():
+        assert torch.equal(nets.init[name][0], value) and torch.equal(nets.trained[name][0], value + 1)

@@ -377,7 +377,7 @@ FAST = {
     "ncfm": [
         "--model.init_args.batch_real=16",
         "--model.init_args.num_feature_nets=1",
-        "--model.init_args.pretrain_epochs=1",
+        "--model.init_args.pretrain.epochs=1",
         "--model.init_args.num_freqs=64",
     ],
 }

@@ -23,7 +23,7 @@ TINY = [
     "distill.model.init_args.batch_real=16",
     "distill.model.init_args.num_freqs=32",
     "distill.model.init_args.num_feature_nets=1",
-    "distill.model.init_args.pretrain_epochs=1",
+    "distill.model.init_args.pretrain.epochs=1",
     "distill.model.init_args.plugins.init_args.num_nets=1",
     "distill.model.init_args.plugins.init_args.train_epochs=1",
     # drupi: 2 iterations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,26 +19,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from lightning_eff.utils.checks import check_int
+
 __all__ = ["ClassificationDataModule", "ImageTensorDataset"]
 
 
 # --------------------------------------------------------------------------------------------------
 # argument checks shared by the DataModules
 # --------------------------------------------------------------------------------------------------
-def _check_int(owner: str, name: str, value: Any, minimum: int | None = None) -> int:
-    """Return ``value`` if it is an ``int`` (not a ``bool``) ``>= minimum``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: `{name}` must be an int, got {value!r} ({type(value).__name__}).")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{owner}: `{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-def _check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> Any:
-    """Return ``value`` if it is one of ``allowed``, else raise ``ValueError``."""
-    if isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"{owner}: `{name}` must be one of {tuple(allowed)}, got {value!r}.")
-    return value
+def _check_root(owner: str, root: Any) -> str:
+    """``root`` (a local data folder) as a ``str``; a ``TypeError`` naming it otherwise."""
+    if not isinstance(root, (str, Path)):
+        raise TypeError(f"{owner}: `root` must be a str or pathlib.Path, got {root!r} ({type(root).__name__}).")
+    return str(root)
 
 
 def _check_fraction(owner: str, name: str, value: Any, allow_zero: bool = True) -> float:
@@ -142,8 +136,8 @@ class ClassificationDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__()
         name = type(self).__name__
-        self.batch_size = _check_int(name, "batch_size", batch_size, minimum=1)
-        self.num_workers = _check_int(name, "num_workers", num_workers, minimum=0)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1, owner=name)
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0, owner=name)
         self._num_classes: int | None = None
         self._image_shape: tuple[int, int, int] | None = None
         self._mean: tuple[float, ...] | None = None

@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from lightning_eff.data.base import ClassificationDataModule, _check_fraction, _check_int, _stratified_split
+from lightning_eff.data.base import ClassificationDataModule, _check_fraction, _check_root, _stratified_split
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
 
@@ -82,16 +83,12 @@ class _CIFARDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         name = type(self).__name__
-        if not isinstance(root, (str, Path)):
-            raise TypeError(
-                f"{name}: `root` must be a str or pathlib.Path, got {root!r} ({type(root).__name__})."
-            )
-        self.root = str(root)
+        self.root = _check_root(name, root)
         self.val_fraction = _check_fraction(name, "val_fraction", val_fraction, allow_zero=True)
         if not isinstance(augment, bool):
             raise TypeError(f"{name}: `augment` must be a bool, got {augment!r}.")
         self.augment = augment
-        self.seed = _check_int(name, "seed", seed)
+        self.seed = check_int(seed, "seed", owner=name)
         self.save_hyperparameters(
             {
                 "root": self.root,

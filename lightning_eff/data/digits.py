@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from lightning_eff.data.base import (
     ClassificationDataModule,
     ImageTensorDataset,
-    _check_choice,
     _check_fraction,
-    _check_int,
     _stratified_split,
 )
+from lightning_eff.utils.checks import check_choice, check_int
 
 __all__ = ["DigitsDataModule"]
 
@@ -76,13 +75,13 @@ class DigitsDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         name = type(self).__name__
-        _check_int(name, "image_size", image_size)
-        self.image_size = _check_choice(name, "image_size", image_size, (8, 16, 32))
-        _check_int(name, "channels", channels)
-        self.channels = _check_choice(name, "channels", channels, (1, 3))
+        check_int(image_size, "image_size", owner=name)
+        self.image_size = check_choice(image_size, "image_size", (8, 16, 32), owner=name)
+        check_int(channels, "channels", owner=name)
+        self.channels = check_choice(channels, "channels", (1, 3), owner=name)
         self.val_fraction = _check_fraction(name, "val_fraction", val_fraction, allow_zero=True)
         self.test_fraction = _check_fraction(name, "test_fraction", test_fraction, allow_zero=False)
-        self.seed = _check_int(name, "seed", seed)
+        self.seed = check_int(seed, "seed", owner=name)
         if not isinstance(normalize, bool):
             raise TypeError(f"{name}: `normalize` must be a bool, got {normalize!r}.")
         self.use_normalization = normalize

@@ -12,10 +12,10 @@ from torch.utils.data import Dataset
 
 from lightning_eff.data.base import (
     ClassificationDataModule,
-    _check_choice,
-    _check_int,
+    _check_root,
     _check_stats,
 )
+from lightning_eff.utils.checks import check_choice, check_int
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -101,12 +101,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         name = type(self).__name__
-        if not isinstance(root, (str, Path)):
-            raise TypeError(
-                f"{name}: `root` must be a str or pathlib.Path, got {root!r} ({type(root).__name__})."
-            )
-        self.root = str(root)
-        self.image_size = _check_int(name, "image_size", image_size, minimum=1)
+        self.root = _check_root(name, root)
+        self.image_size = check_int(image_size, "image_size", minimum=1, owner=name)
         for arg, value, optional in (
             ("train_dir", train_dir, False),
             ("val_dir", val_dir, True),
@@ -118,8 +114,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         if val_dir is None and test_dir is None:
             raise ValueError(f"{name}: `val_dir` and `test_dir` are both None; give at least one of them.")
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
-        _check_int(name, "channels", channels)
-        self.channels = _check_choice(name, "channels", channels, (1, 3))
+        check_int(channels, "channels", owner=name)
+        self.channels = check_choice(channels, "channels", (1, 3), owner=name)
         if (mean is None) != (std is None):
             raise ValueError(
                 f"{name}: give both `mean` and `std` or neither, got mean={mean!r}, std={std!r}."
@@ -130,8 +126,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         if not isinstance(augment, bool):
             raise TypeError(f"{name}: `augment` must be a bool, got {augment!r}.")
         self.augment = augment
-        self.stats_max_images = _check_int(name, "stats_max_images", stats_max_images, minimum=1)
-        self.seed = _check_int(name, "seed", seed)
+        self.stats_max_images = check_int(stats_max_images, "stats_max_images", minimum=1, owner=name)
+        self.seed = check_int(seed, "seed", owner=name)
         self.save_hyperparameters(
             {
                 "root": self.root,

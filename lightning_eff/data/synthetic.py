@@ -2,7 +2,7 @@
 
 The last step of a distillation study is a student trained on the distilled set and tested on the real
 test split. This DataModule makes that step a plain ``lightning-eff fit``: its training split is a saved
-:class:`~lightning_eff.distill.SyntheticSet` (``synthetic_set.pt`` of a distillation fit, a selected subset,
+:class:`~lightning_eff.data.SyntheticSet` (``synthetic_set.pt`` of a distillation fit, a selected subset,
 a DRUPI-labelled set), its validation and test splits are those of the real DataModule the set was made
 from, so any ``LightningModule`` (e.g. :class:`~lightning_eff.models.ImageClassifier` with the KO optimizer)
 trains on it unchanged::
@@ -29,16 +29,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_eff.data.base import ClassificationDataModule, ImageTensorDataset, _check_int
-
-if TYPE_CHECKING:  # the distillation package imports this one; load it lazily
-    from lightning_eff.distill.synthetic import SyntheticSet
+from lightning_eff.data.base import ClassificationDataModule, ImageTensorDataset
+from lightning_eff.data.synthetic_set import SyntheticSet
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["SyntheticSetDataModule"]
 
@@ -49,7 +48,7 @@ class SyntheticSetDataModule(ClassificationDataModule):
     """Training split: a saved synthetic set; validation and test splits: those of a real DataModule.
 
     Args:
-        path: a file written by :meth:`SyntheticSet.save <lightning_eff.distill.SyntheticSet.save>`
+        path: a file written by :meth:`SyntheticSet.save <lightning_eff.data.SyntheticSet.save>`
             (``synthetic_set.pt`` of a distillation fit). Read in ``setup``, so it may be produced by an
             earlier step of the same pipeline.
         real: the :class:`ClassificationDataModule` the set was made from (same image shape, class count and
@@ -129,7 +128,7 @@ class SyntheticSetDataModule(ClassificationDataModule):
         self.use_soft_labels = use_soft_labels
         self.use_privileged = use_privileged
         self.augment = augment
-        self.seed = _check_int(name, "seed", seed)
+        self.seed = check_int(seed, "seed", owner=name)
         self.save_hyperparameters(ignore=["real", "augment"])
         self._synset: SyntheticSet | None = None
         self._generator: torch.Generator | None = None
@@ -177,7 +176,7 @@ class SyntheticSetDataModule(ClassificationDataModule):
 
     @property
     def synthetic_set(self) -> SyntheticSet:
-        """The loaded :class:`~lightning_eff.distill.SyntheticSet` (with its privileged information, lr, metadata)."""
+        """The loaded :class:`~lightning_eff.data.SyntheticSet` (with its privileged information, lr, metadata)."""
         return self._require("synthetic_set", self._synset)
 
     # ------------------------------------------------------------------------------------------
@@ -215,8 +214,6 @@ class SyntheticSetDataModule(ClassificationDataModule):
                 self._generator.set_state(self._generator_state)
 
     def _load(self) -> SyntheticSet:
-        from lightning_eff.distill.synthetic import SyntheticSet
-
         name = type(self).__name__
         if not os.path.isfile(self.path):
             where = "a folder, not a file" if os.path.isdir(self.path) else "no such file"

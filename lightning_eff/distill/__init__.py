@@ -1,13 +1,16 @@
 """Dataset distillation: synthetic sets, the distillation base, the matching methods and plug-ins.
 
-Methods (one file each): :class:`DistributionMatching` (``dm.py``), :class:`GradientMatching`
-(``gm.py``), :class:`TrajectoryMatching` (``mtt.py``, with expert trajectories), :class:`NCFM`
-(``ncfm.py``). Plug-ins for every method: :class:`SDC` (``sdc.py``, sample difficulty correction)
-and :class:`DRUPI` (``drupi.py``, privileged feature/attention labels; :class:`StaticSet` keeps the
-images of any saved set fixed while DRUPI learns). The base
-(``base.py``) holds the synthetic set as parameters; ``synthetic.py`` the saved artefact.
+Methods (one file or package each): :class:`DistributionMatching` (``dm.py``), :class:`GradientMatching`
+(``gm.py``), :class:`TrajectoryMatching` (``mtt.py``), :class:`NCFM` (``ncfm/``). Plug-ins for every
+method: :class:`SDC` (``sdc.py``, sample difficulty correction) and :class:`DRUPI` (``drupi.py``,
+privileged feature/attention labels; :class:`StaticSet` keeps the images of any saved set fixed while
+DRUPI learns). The base (``base.py``) holds the synthetic set as parameters; ``reference.py`` trains the
+reference and expert networks on real data (expert trajectories included); the saved artefact
+:class:`SyntheticSet` lives in :mod:`lightning_eff.data.synthetic_set` (re-exported here and from
+``synthetic.py``).
 """
 
+from lightning_eff.data.synthetic_set import SyntheticSet, SyntheticSetDataset
 from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
 from lightning_eff.distill.dm import DistributionMatching
@@ -27,9 +30,16 @@ from lightning_eff.distill.mtt import (
     load_experts,
     train_experts,
 )
-from lightning_eff.distill.ncfm import NCFM, FeatureNetworks, SamplingNet, ncfd, pretrain_feature_networks
+from lightning_eff.distill.ncfm import (
+    NCFM,
+    FeatureNetPretraining,
+    FeatureNetworks,
+    SamplingNet,
+    ncfd,
+    pretrain_feature_networks,
+)
+from lightning_eff.distill.reference import reinitialized, train_reference_networks
 from lightning_eff.distill.sdc import SDC, sample_difficulty
-from lightning_eff.distill.synthetic import SyntheticSet, SyntheticSetDataset
 
 __all__ = [
     "SyntheticSet",
@@ -44,6 +54,8 @@ __all__ = [
     "ExpertTrajectoryRecorder",
     "train_experts",
     "load_experts",
+    "reinitialized",
+    "train_reference_networks",
     "DSA",
     "CutMix",
     "evaluate_synthetic",
@@ -54,6 +66,7 @@ __all__ = [
     "NCFM",
     "SamplingNet",
     "FeatureNetworks",
+    "FeatureNetPretraining",
     "pretrain_feature_networks",
     "ncfd",
     "SDC",

@@ -27,8 +27,6 @@ to ``save_dir`` (default: the trainer's log dir), and the grid is logged to the 
 
 from __future__ import annotations
 
-import copy
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +37,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from lightning_eff.distill.synthetic import SyntheticSet, _check_ipc
+from lightning_eff.data.synthetic_set import SyntheticSet, check_ipc
+from lightning_eff.distill.reference import reinitialized, train_reference_networks
 from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.seeding import derive_seed
 
 __all__ = ["DistillationModule", "DistillPlugin", "DistillStep", "reinitialized", "train_reference_networks", "INITS"]
 
@@ -49,59 +49,6 @@ INITS = ("real", "noise")
 
 def _default_image_optimizer(params):
     return torch.optim.SGD(params, lr=1.0, momentum=0.5)
-
-
-def _seed_from(*parts: Any) -> int:
-    """A 63-bit seed derived from the parts (stable across processes and runs)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def reinitialized(template: nn.Module, seed: int, device: torch.device | str | None = None) -> nn.Module:
-    """A deep copy of ``template`` with every ``reset_parameters`` re-run under ``seed``.
-
-    The initialisation is drawn on the CPU, whatever device the template is on, with the global
-    RNG left untouched (``torch.random.fork_rng``): drawing networks perturbs nothing else and the
-    same seed gives the same network on every rank and device. The copy is moved to ``device``
-    (default: it stays on the CPU).
-    """
-    net = copy.deepcopy(template).cpu()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in net.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    net.requires_grad_(True)
-    return net.to(device) if device is not None else net
-
-
-def train_reference_networks(
-    datamodule, template: nn.Module, num_nets: int, epochs: int, lr: float = 0.01, seed: int = 0, strategy=None
-) -> list[nn.Module]:
-    """``num_nets`` copies of ``template`` trained ``epochs`` epochs on the real training split (frozen, CPU).
-
-    The recipe of the expert trajectories (:func:`~lightning_eff.distill.train_experts`: SGD, seeded
-    initialisation and data order). With a Lightning ``strategy`` rank 0 trains and broadcasts, so
-    every rank holds the same networks. Plug-ins use them as "trained networks" (SDC's difficulty,
-    DRUPI's initial feature labels).
-    """
-    from lightning_eff.distill.mtt import train_experts
-
-    states = None
-    if strategy is None or strategy.is_global_zero:
-        experts = train_experts(datamodule, template, num_experts=num_nets, epochs=epochs, lr=lr, seed=seed)
-        states = [e.unflatten(e.epochs[-1]) for e in experts]
-    if strategy is not None:
-        states = strategy.broadcast(states)
-    nets = []
-    for state in states:
-        net = copy.deepcopy(template)
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                p.copy_(state[name])
-        nets.append(net.requires_grad_(False).eval())
-    return nets
 
 
 @dataclass
@@ -181,7 +128,7 @@ class DistillationModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_ipc(ipc)
+        check_ipc(ipc, owner=type(self).__name__)
         if not isinstance(net, nn.Module):
             raise TypeError(f"{type(self).__name__}: net must be a torch.nn.Module, got {type(net).__name__}")
         if init not in INITS and not str(init).endswith((".pt", ".pth")):
@@ -319,8 +266,8 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ helpers for methods
     def make_step(self) -> DistillStep:
         it = int(self.iteration)
-        shared = torch.Generator(device="cpu").manual_seed(_seed_from(self.seed, it, "shared"))
-        local = torch.Generator(device="cpu").manual_seed(_seed_from(self.seed, it, "local", self.global_rank))
+        shared = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, it, "shared"))
+        local = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, it, "local", self.global_rank))
         return DistillStep(iteration=it, shared=shared, local=local)
 
     def fresh_network(self, seed: int) -> nn.Module:

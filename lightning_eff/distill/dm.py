@@ -30,6 +30,7 @@ from lightning_eff.distill.base import (
     DistillStep,
     _default_image_optimizer,
 )
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["DistributionMatching", "mean_embedding_distance"]
 
@@ -81,8 +82,7 @@ class DistributionMatching(DistillationModule):
         seed: int = 0,
     ) -> None:
         super().__init__(net, ipc, init, image_optimizer, dsa, plugins, clamp, save_dir, seed)
-        if isinstance(batch_real, bool) or not isinstance(batch_real, int) or batch_real < 1:
-            raise ValueError(f"DistributionMatching: batch_real must be an integer >= 1, got {batch_real!r}")
+        check_int(batch_real, "batch_real", minimum=1, owner="DistributionMatching")
         if not callable(getattr(net, "features", None)):
             raise TypeError(
                 f"DistributionMatching: net {type(net).__name__} needs a features(x) -> [B, D] embedding method"

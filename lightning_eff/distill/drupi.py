@@ -57,14 +57,15 @@ from lightning_eff.distill.base import (
     DistillationModule,
     DistillPlugin,
     DistillStep,
-    _seed_from,
     train_reference_networks,
 )
 from lightning_eff.distill.evaluate import _FeatureTap, pool_privileged
 from lightning_eff.distill.gm import DISTANCES, get_loops, gradient_distance
+from lightning_eff.utils.checks import check_choice, check_int
+from lightning_eff.utils.seeding import derive_seed
 
 if TYPE_CHECKING:
-    from lightning_eff.distill.synthetic import SyntheticSet
+    from lightning_eff.data.synthetic_set import SyntheticSet
 
 __all__ = ["DRUPI", "StaticSet"]
 
@@ -117,14 +118,10 @@ class DRUPI(DistillPlugin):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"DRUPI: kind must be one of {KINDS}, got {kind!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"DRUPI: pooling must be one of {POOLINGS}, got {pooling!r}")
-        if init not in INITS:
-            raise ValueError(f"DRUPI: init must be one of {INITS}, got {init!r}")
-        if distance not in DISTANCES:
-            raise ValueError(f"DRUPI: distance must be one of {DISTANCES}, got {distance!r}")
+        check_choice(kind, "kind", KINDS, owner="DRUPI")
+        check_choice(pooling, "pooling", POOLINGS, owner="DRUPI")
+        check_choice(init, "init", INITS, owner="DRUPI")
+        check_choice(distance, "distance", DISTANCES, owner="DRUPI")
         for name, value in (("weight", weight), ("class_weight", class_weight), ("momentum", momentum)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"DRUPI: {name} must be a number >= 0, got {value!r}")
@@ -140,8 +137,7 @@ class DRUPI(DistillPlugin):
         ):
             if value is None and name in ("outer_loop", "inner_loop"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"DRUPI: {name} must be an integer >= {low}, got {value!r}")
+            check_int(value, name, minimum=low, owner="DRUPI")
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"DRUPI: layer must be the name of a submodule (e.g. 'encoder'), got {layer!r}")
         if class_weight > 0 and kind != "feature":
@@ -234,7 +230,7 @@ class DRUPI(DistillPlugin):
             1,
             self.pretrain_epochs,
             self.pretrain_lr,
-            seed=_seed_from(self.seed, "drupi-pretrain"),
+            seed=derive_seed(self.seed, "drupi-pretrain"),
             strategy=strategy,
         )
         tap = _FeatureTap(net, self.layer, where="DRUPI: `layer`")
@@ -243,7 +239,7 @@ class DRUPI(DistillPlugin):
             if self.init == "pretrained":
                 return feats.clone()
             if self.init == "random":
-                gen = torch.Generator().manual_seed(_seed_from(self.seed, "drupi-random"))
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, "drupi-random"))
                 return torch.randn(feats.shape, generator=gen) * feats.std() + feats.mean()
             # class_mean: the mean pretrained feature of each class's real images
             means = []
@@ -269,7 +265,7 @@ class DRUPI(DistillPlugin):
     # ------------------------------------------------------------------ the iteration
     def _network(self, module: DistillationModule, step: DistillStep) -> nn.Module:
         if self._net is None or step.iteration % self.outer_loop == 0:
-            net = module.fresh_network(_seed_from(self.seed, step.iteration, "drupi-net")).train()
+            net = module.fresh_network(derive_seed(self.seed, step.iteration, "drupi-net")).train()
             self.__dict__["_net"] = net
             self.__dict__["_tap"] = _FeatureTap(net, self.layer, where="DRUPI: `layer`")
             self._net_opt = torch.optim.SGD(net.parameters(), lr=self.net_lr)
@@ -286,7 +282,7 @@ class DRUPI(DistillPlugin):
         net = self._network(module, step)
         params = self._matched_parameters(net)
         gen = torch.Generator().manual_seed(
-            _seed_from(self.seed, step.iteration, "drupi", module.global_rank)
+            derive_seed(self.seed, step.iteration, "drupi", module.global_rank)
         )
         per_class, loss = self.F.shape[0] // module.num_classes, self.F.new_zeros(())
         for c in range(module.num_classes):
@@ -317,7 +313,7 @@ class DRUPI(DistillPlugin):
             images, labels = (t.detach() for t in module.training_images())
         targets = self.F.detach()
         n = images.shape[0]
-        gen = torch.Generator().manual_seed(_seed_from(self.seed, step.iteration, "drupi-inner"))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step.iteration, "drupi-inner"))
         with torch.enable_grad():
             for _ in range(self.inner_loop):
                 order = torch.randperm(n, generator=gen).to(images.device)
@@ -406,7 +402,7 @@ class StaticSet(DistillationModule):
         if self.init == "real":
             source = {"method": "random_real"}
         else:
-            from lightning_eff.distill.synthetic import SyntheticSet
+            from lightning_eff.data.synthetic_set import SyntheticSet
 
             loaded = SyntheticSet.load(self.init)
             source = {"method": str(loaded.metadata.get("method", "unknown")), "source": str(self.init)}

@@ -34,6 +34,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
+from lightning_eff.utils.checks import check_int
 
 __all__ = ["GradientMatching", "gradient_distance", "get_loops", "DISTANCES"]
 
@@ -135,8 +136,7 @@ class GradientMatching(DistillationModule):
             ("inner_loop", self.inner_loop, 0),
             ("batch_train", batch_train, 1),
         ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"GradientMatching: {name} must be an integer >= {low}, got {value!r}")
+            check_int(value, name, minimum=low, owner="GradientMatching")
         if not net_lr > 0:
             raise ValueError(f"GradientMatching: net_lr must be > 0, got {net_lr!r}")
         if distance not in DISTANCES:

@@ -52,7 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_eff.distill.base import DistillPlugin, DistillStep, _seed_from, train_reference_networks
+from lightning_eff.distill.base import DistillPlugin, DistillStep, train_reference_networks
+from lightning_eff.utils.checks import check_choice, check_int, check_optional_int
+from lightning_eff.utils.seeding import derive_seed
 
 if TYPE_CHECKING:
     from lightning_eff.distill.base import DistillationModule
@@ -182,22 +184,17 @@ class SDC(DistillPlugin):
             raise ValueError(
                 f"SDC: weight must be a number >= 0 (or None for the IPC default), got {weight!r}"
             )
-        if schedule not in SCHEDULES:
-            raise ValueError(f"SDC: schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if mode not in MODES:
-            raise ValueError(f"SDC: mode must be one of {MODES}, got {mode!r}")
-        if network not in NETWORKS:
-            raise ValueError(f"SDC: network must be one of {NETWORKS}, got {network!r}")
+        check_choice(schedule, "schedule", SCHEDULES, owner="SDC")
+        check_choice(mode, "mode", MODES, owner="SDC")
+        check_choice(network, "network", NETWORKS, owner="SDC")
         if mode == "real" and network == "method":
             raise ValueError(
                 "SDC: mode='real' ranks the real images once, under trained networks: use network='trained'"
             )
         for name, value in (("num_nets", num_nets), ("train_epochs", train_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SDC: {name} must be an integer >= 1, got {value!r}")
+            check_int(value, name, minimum=1, owner="SDC")
         for name, value in (("batch_syn", batch_syn), ("chunk_size", chunk_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"SDC: {name} must be None or an integer >= 1, got {value!r}")
+            check_optional_int(value, name, minimum=1, owner="SDC")
         if not net_lr > 0:
             raise ValueError(f"SDC: net_lr must be > 0, got {net_lr!r}")
         self.weight = None if weight is None else float(weight)
@@ -271,7 +268,7 @@ class SDC(DistillPlugin):
                 self.num_nets,
                 self.train_epochs,
                 self.net_lr,
-                seed=_seed_from(self.seed, "sdc"),
+                seed=derive_seed(self.seed, "sdc"),
                 strategy=trainer.strategy,
             )
         if self.mode == "real" and self._difficulty is None:
@@ -344,7 +341,7 @@ class SDC(DistillPlugin):
         if w == 0:
             return None  # nothing drawn, nothing added: the run is the method's own
         # own generator: the method's shared/local draws are the same with and without SDC
-        gen = torch.Generator().manual_seed(_seed_from(self.seed, step.iteration, "sdc"))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step.iteration, "sdc"))
         net = self._network(module, step, gen)
         images, labels = module.training_images()
         if self.batch_syn is not None and self.batch_syn < images.shape[0]:

@@ -13,25 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_eff.utils.checks import check_choice, check_int
+
 __all__ = ["ConvNet"]
 
 _NORMS = ("instance", "batch", "layer", "none")
 _ACTIVATIONS = ("relu", "leakyrelu", "gelu", "sigmoid")
 _POOLINGS = ("avg", "max", "none")
-
-
-def _check_positive_int(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: `{name}` must be an int, got {value!r} ({type(value).__name__}).")
-    if value < 1:
-        raise ValueError(f"{owner}: `{name}` must be an int >= 1, got {value!r}.")
-    return value
-
-
-def _check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{owner}: `{name}` must be one of {allowed}, got {value!r}.")
-    return value
 
 
 def make_activation(name: str) -> nn.Module:
@@ -105,14 +93,14 @@ class ConvNet(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.in_channels = _check_positive_int(name, "in_channels", in_channels)
-        self.num_classes = _check_positive_int(name, "num_classes", num_classes)
-        self.width = _check_positive_int(name, "width", width)
-        self.depth = _check_positive_int(name, "depth", depth)
-        self.norm = _check_choice(name, "norm", norm, _NORMS)
-        self.activation = _check_choice(name, "activation", activation, _ACTIVATIONS)
-        self.pooling = _check_choice(name, "pooling", pooling, _POOLINGS)
-        self.image_size = _check_positive_int(name, "image_size", image_size)
+        self.in_channels = check_int(in_channels, "in_channels", minimum=1, owner=name)
+        self.num_classes = check_int(num_classes, "num_classes", minimum=1, owner=name)
+        self.width = check_int(width, "width", minimum=1, owner=name)
+        self.depth = check_int(depth, "depth", minimum=1, owner=name)
+        self.norm = check_choice(norm, "norm", _NORMS, owner=name)
+        self.activation = check_choice(activation, "activation", _ACTIVATIONS, owner=name)
+        self.pooling = check_choice(pooling, "pooling", _POOLINGS, owner=name)
+        self.image_size = check_int(image_size, "image_size", minimum=1, owner=name)
 
         side = image_size
         if pooling != "none":

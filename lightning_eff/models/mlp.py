@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_eff.models.convnet import _ACTIVATIONS, _check_choice, _check_positive_int, make_activation
+from lightning_eff.models.convnet import _ACTIVATIONS, make_activation
+from lightning_eff.utils.checks import check_choice, check_int
 
 __all__ = ["MLP"]
 
@@ -45,16 +46,16 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.in_channels = _check_positive_int(name, "in_channels", in_channels)
-        self.image_size = _check_positive_int(name, "image_size", image_size)
-        self.num_classes = _check_positive_int(name, "num_classes", num_classes)
+        self.in_channels = check_int(in_channels, "in_channels", minimum=1, owner=name)
+        self.image_size = check_int(image_size, "image_size", minimum=1, owner=name)
+        self.num_classes = check_int(num_classes, "num_classes", minimum=1, owner=name)
         if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
             raise TypeError(f"{name}: `hidden_sizes` must be a sequence of ints, got {hidden_sizes!r}.")
         for size in hidden_sizes:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name}: `hidden_sizes` must hold ints >= 1, got {list(hidden_sizes)!r}.")
         self.hidden_sizes = tuple(hidden_sizes)
-        self.activation = _check_choice(name, "activation", activation, _ACTIVATIONS)
+        self.activation = check_choice(activation, "activation", _ACTIVATIONS, owner=name)
         if (
             isinstance(dropout, bool)
             or not isinstance(dropout, Real)

@@ -19,6 +19,7 @@ from lightning_eff.rl.envs.base import (
 )
 from lightning_eff.rl.envs.bev import BEVRasterizer, Segments, colorize, polyline_segments
 from lightning_eff.rl.envs.highway import SCENARIO_SPECS, HighwayBEVEnv, ScenarioSpec
+from lightning_eff.rl.envs.tiny import TinyCorridorEnv
 
 __all__ = [
     "DrivingEnv",
@@ -34,13 +35,14 @@ __all__ = [
     "HighwayBEVEnv",
     "ScenarioSpec",
     "SCENARIO_SPECS",
+    "TinyCorridorEnv",
     "ENV_REGISTRY",
     "register_env",
     "make_env",
 ]
 
 #: name -> factory returning a :class:`DrivingEnv`.
-ENV_REGISTRY: dict[str, Callable[..., DrivingEnv]] = {"highway-bev": HighwayBEVEnv}
+ENV_REGISTRY: dict[str, Callable[..., DrivingEnv]] = {"highway-bev": HighwayBEVEnv, "tiny-corridor": TinyCorridorEnv}
 
 
 def register_env(name: str, factory: Callable[..., DrivingEnv]) -> None:
@@ -69,4 +71,3 @@ def make_env(name: str = "highway-bev", **kwargs: Any) -> DrivingEnv:
     if name not in ENV_REGISTRY:
         raise ValueError(f"make_env: unknown environment {name!r}; registered: {sorted(ENV_REGISTRY)}.")
     return ENV_REGISTRY[name](**kwargs)
-from lightning_eff.rl.envs.tiny import TinyCorridorEnv  # noqa: E402, F401  (registers "tiny-corridor")

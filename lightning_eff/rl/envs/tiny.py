@@ -234,12 +234,3 @@ class TinyCorridorEnv(gym.Env):
 
     def close(self) -> None:
         pass
-
-
-def _register() -> None:
-    from lightning_eff.rl.envs import register_env
-
-    register_env("tiny-corridor", TinyCorridorEnv)
-
-
-_register()
