@@ -40,13 +40,15 @@ def test_library_modules_register_the_cleanup_through_the_mixin():
     ``ProcessGroupCleanup.setup`` (tests/test_ko.py's ddp_spawn test checks it registers in every rank)."""
     import lightning as L
 
+    from lightning_eff.distill import DistillationModule
     from lightning_eff.explain import AutoGnothi
     from lightning_eff.llm import CausalLMModule
+    from lightning_eff.models import ImageClassifier
     from lightning_eff.rl import Think2Drive
     from lightning_eff.tokens.vlm import TinyVLM
     from lightning_eff.utils import distributed as d
 
-    for cls in (AutoGnothi, CausalLMModule, Think2Drive, TinyVLM):
+    for cls in (AutoGnothi, CausalLMModule, Think2Drive, TinyVLM, ImageClassifier, DistillationModule):
         mro = cls.__mro__
         assert d.ProcessGroupCleanup in mro and mro.index(d.ProcessGroupCleanup) < mro.index(L.LightningModule)
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lightning_eff.data.synthetic_set import SyntheticSet, check_ipc
 from lightning_eff.distill.reference import reinitialized, train_reference_networks
-from lightning_eff.utils.distributed import destroy_process_group_at_exit
+from lightning_eff.utils.distributed import ProcessGroupCleanup
 from lightning_eff.utils.seeding import derive_seed
 
 __all__ = ["DistillationModule", "DistillPlugin", "DistillStep", "reinitialized", "train_reference_networks", "INITS"]
@@ -94,7 +94,7 @@ class DistillPlugin(nn.Module):
         return synset
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(ProcessGroupCleanup, L.LightningModule):
     """Base class of the matching-based distillation methods.
 
     Args:
@@ -169,7 +169,7 @@ class DistillationModule(L.LightningModule):
         return int(self._data_meta["num_classes"])
 
     def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()
+        super().setup(stage)  # ProcessGroupCleanup
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             if self.syn_images is None:

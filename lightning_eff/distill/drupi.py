@@ -59,8 +59,8 @@ from lightning_eff.distill.base import (
     DistillStep,
     train_reference_networks,
 )
-from lightning_eff.distill.evaluate import _FeatureTap, pool_privileged
 from lightning_eff.distill.gm import DISTANCES, get_loops, gradient_distance
+from lightning_eff.models.privileged import FeatureTap, pool_privileged
 from lightning_eff.utils.checks import check_choice, check_int
 from lightning_eff.utils.seeding import derive_seed
 
@@ -158,7 +158,7 @@ class DRUPI(DistillPlugin):
     # ------------------------------------------------------------------ set-up
     def feature_shape(self, net: nn.Module, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of one ``F`` for ``net`` on images of ``image_shape`` (pooled or not)."""
-        probe = _FeatureTap(net, self.layer, where="DRUPI: `layer`")
+        probe = FeatureTap(net, self.layer, where="DRUPI: `layer`")
         probe.active = True
         was_training = net.training
         try:
@@ -176,11 +176,11 @@ class DRUPI(DistillPlugin):
         return tuple(pool_privileged(feat, self.kind, self.pooling).shape[1:])
 
     def features(
-        self, net: nn.Module, images: Tensor, tap: _FeatureTap | None = None
+        self, net: nn.Module, images: Tensor, tap: FeatureTap | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(logits, pool(E(images)))`` in one forward pass."""
         own = tap is None
-        tap = tap or _FeatureTap(net, self.layer, where="DRUPI: `layer`")
+        tap = tap or FeatureTap(net, self.layer, where="DRUPI: `layer`")
         tap.active = True
         try:
             logits = net(images)
@@ -233,7 +233,7 @@ class DRUPI(DistillPlugin):
             seed=derive_seed(self.seed, "drupi-pretrain"),
             strategy=strategy,
         )
-        tap = _FeatureTap(net, self.layer, where="DRUPI: `layer`")
+        tap = FeatureTap(net, self.layer, where="DRUPI: `layer`")
         with torch.no_grad():
             _, feats = self.features(net, images, tap)
             if self.init == "pretrained":
@@ -267,7 +267,7 @@ class DRUPI(DistillPlugin):
         if self._net is None or step.iteration % self.outer_loop == 0:
             net = module.fresh_network(derive_seed(self.seed, step.iteration, "drupi-net")).train()
             self.__dict__["_net"] = net
-            self.__dict__["_tap"] = _FeatureTap(net, self.layer, where="DRUPI: `layer`")
+            self.__dict__["_tap"] = FeatureTap(net, self.layer, where="DRUPI: `layer`")
             self._net_opt = torch.optim.SGD(net.parameters(), lr=self.net_lr)
         return self._net
 

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.hparams import net_config
 from lightning_eff.utils.io import load_versioned, save_versioned
 from lightning_eff.utils.seeding import derive_seed
 
@@ -103,14 +104,6 @@ def _flat(params: list[Tensor]) -> Tensor:
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in params])
 
 
-def _net_config(net: nn.Module) -> dict[str, Any] | None:
-    """``{"class_path", "init_args"}`` of a net with ``get_config()`` (else None), recorded in saved files."""
-    get_config = getattr(net, "get_config", None)
-    if callable(get_config):
-        return {"class_path": f"{type(net).__module__}.{type(net).__qualname__}", "init_args": get_config()}
-    return None
-
-
 class ExpertTrajectory:
     """The recorded parameters of one expert, epoch by epoch (see the module docstring for the format)."""
 
@@ -141,7 +134,7 @@ class ExpertTrajectory:
     def from_module_states(cls, net: nn.Module, states: list[list[Tensor]], **metadata: Any) -> ExpertTrajectory:
         names = [n for n, _ in net.named_parameters()]
         shapes = [list(p.shape) for _, p in net.named_parameters()]
-        metadata.setdefault("net", _net_config(net))
+        metadata.setdefault("net", net_config(net))
         return cls(names, shapes, [_flat(s) for s in states], metadata)
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_eff.distill.reference import _net_config, reinitialized
+from lightning_eff.distill.reference import reinitialized
 from lightning_eff.utils.checks import check_float, check_int
+from lightning_eff.utils.hparams import net_config
 from lightning_eff.utils.io import load_versioned, save_versioned
 from lightning_eff.utils.seeding import derive_seed
 
@@ -240,7 +241,7 @@ def pretrain_feature_networks(
         (2, 2)
     """
     from lightning_eff.distill.augment import DSA, CutMix
-    from lightning_eff.distill.evaluate import _test_tensors
+    from lightning_eff.distill.evaluation.data import load_test_tensors
 
     check_int(num_nets, "num_nets", minimum=1, owner="pretrain_feature_networks")
     _check_recipe("pretrain_feature_networks", epochs, lr, momentum, weight_decay, batch_size, cutmix)
@@ -255,7 +256,7 @@ def pretrain_feature_networks(
     labels = torch.cat(
         [torch.full((len(datamodule.class_indices(c)),), c) for c in range(datamodule.num_classes)]
     ).to(device)
-    test_x, test_y = _test_tensors(datamodule)
+    test_x, test_y = load_test_tensors(datamodule)
     milestones = [2 * epochs // 3, 5 * epochs // 6]
     inits, trained, accs = [], [], []
     iterator = range(num_nets)
@@ -295,7 +296,7 @@ def pretrain_feature_networks(
             )
         accs.append(correct / len(test_y))
     result = FeatureNetworks.from_states(
-        inits, trained, net=_net_config(net), epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        inits, trained, net=net_config(net), epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
         cutmix=float(cutmix), dsa=None if dsa is None else dsa.config(), seed=seed,
         dataset=type(datamodule).__name__, test_acc=accs,
     )
