@@ -16,7 +16,8 @@ from lightning_eff.distill import DistributionMatching, SyntheticSet
 from lightning_eff.models import ConvNet, ImageClassifier
 from lightning_eff.ranking import DDRanking, DDRankingCallback, RankingReport, load_teacher, log_report
 from lightning_eff.ranking import functional as F
-from lightning_eff.ranking.evaluator import _Context, _seed_from
+from lightning_eff.ranking.plan import _Context
+from lightning_eff.utils.seeding import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +150,7 @@ def test_shared_trainings_counts_and_cache_reuse(dm8, tmp_path):
 
 def test_cells_train_together_without_changing_any_result(dm8, monkeypatch):
     """All runs of all sets (and all random cells) go into few calls; a set's scores do not depend on the others."""
-    import lightning_eff.ranking.evaluator as ev
+    import lightning_eff.ranking.plan as ev  # where the trainings are called
 
     calls = []
     real = ev.evaluate_synthetic_sets
@@ -180,7 +181,7 @@ def test_full_data_per_run_and_augmented_as_the_package(dm8, monkeypatch):
     """full_per_run: one full-data student per run, run r's HLR uses its own Acc_full (ddranking's
     eval_full_data=True); the full data is augmented exactly when the package does (soft setting with
     augment_hard); the report's protocol lists the departures that apply."""
-    import lightning_eff.ranking.evaluator as ev
+    import lightning_eff.ranking.plan as ev  # where the trainings are called
 
     full_calls = []
     real = ev.evaluate_synthetic_sets
@@ -219,7 +220,7 @@ def test_full_data_per_run_and_augmented_as_the_package(dm8, monkeypatch):
 
 
 def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatch):
-    import lightning_eff.ranking.evaluator as ev
+    import lightning_eff.ranking.plan as ev  # where the trainings are called
 
     real = ev.evaluate_synthetic_sets
 
@@ -239,6 +240,22 @@ def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatc
     assert scores(resumed) == scores(tiny().rank({"noise": noise}, dm8))
 
 
+def test_cache_keys_and_seeds_are_pinned():
+    """The seeds and cache keys of a ranking do not drift (values of the code before issue 21 moved the cache
+    to ``ranking/cache.py`` and the seed derivation to ``utils.seeding``): cache files written earlier stay valid."""
+    from lightning_eff.ranking.cache import _hash_json, _hash_tensors
+    from lightning_eff.ranking.plan import _Job
+
+    assert derive_seed(0, "full") == 1578009703969749304
+    assert derive_seed(3, "rdm", 1, "abcd1234") == 4385324276967344414
+    assert derive_seed(0, "subset", 2) == 328116679223244492
+    desc = {"v": 1, "kind": "full", "epochs": 200, "lr": 0.01, "seed": derive_seed(0, "full")}
+    job = _Job("full", "full", 0, [0.01], lambda: None, {}, 1, 1.0, cache=desc)
+    assert job.cache_key == "full-5855dc2dbcba285c3ec15b48d0d3bd31"
+    assert _hash_tensors(torch.arange(6).view(2, 3), torch.tensor([0.5, -1.0])) == "307681d6ffb6bc7d52fa3674fa352137"
+    assert _hash_json([3] * 10)[:8] == "f3e22bf1"
+
+
 def test_random_subsets_are_redrawn_per_run_with_the_sets_class_counts(dm8):
     ranking = tiny()
     ctx = _Context(ranking, dm8, tiny_net(), None, {}, torch.device("cpu"))
@@ -248,7 +265,7 @@ def test_random_subsets_are_redrawn_per_run_with_the_sets_class_counts(dm8):
     assert torch.bincount(r0.labels, minlength=10).tolist() == list(balanced)
     # the balanced draw is SyntheticSet.random_subset with the run's derived seed
     assert torch.equal(
-        r0.images, SyntheticSet.random_subset(dm8, 3, seed=_seed_from(ranking.seed, "subset", 0)).images
+        r0.images, SyntheticSet.random_subset(dm8, 3, seed=derive_seed(ranking.seed, "subset", 0)).images
     )
     uneven = (1, 2, 3, 1, 2, 3, 1, 2, 3, 4)
     r = ctx.random_subset(uneven, 0)
