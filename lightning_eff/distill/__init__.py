@@ -18,6 +18,7 @@ from lightning_eff.distill.evaluate import (
     evaluate_synthetic,
     evaluate_synthetic_sets,
 )
+from lightning_eff.distill.evaluation.protocol import StudentProtocol
 from lightning_eff.distill.gm import GradientMatching
 from lightning_eff.distill.mtt import (
     ExpertTrajectory,
@@ -47,6 +48,7 @@ __all__ = [
     "CutMix",
     "evaluate_synthetic",
     "evaluate_synthetic_sets",
+    "StudentProtocol",
     "EvaluationResult",
     "SyntheticEvalCallback",
     "NCFM",
