@@ -6,7 +6,10 @@ Paper: Z. Li et al., "DD-Ranking: Rethinking the Evaluation of Dataset Distillat
 :mod:`lightning_eff.ranking.functional`; every training goes through the distillation core's
 :func:`~lightning_eff.distill.evaluate_synthetic_sets`.
 
-Protocol (per synthetic set, ``num_eval`` runs; the official defaults in brackets):
+Protocol (per synthetic set, ``num_eval`` runs; the official defaults in brackets). The students' own settings
+(epochs, lr grid, SGD, batch, augmentation, labels, checkpoints) are one
+:class:`~lightning_eff.distill.StudentProtocol`, ``protocol`` (default :data:`DEFAULT_PROTOCOL`); the rest is
+ranking's own:
 
 * every accuracy is the best test accuracy over checkpoints every ``eval_every`` epochs [20] and the
   final one, and the best over a learning-rate grid [0.001, 0.005, 0.01, 0.05, 0.1], one fresh student
@@ -31,7 +34,7 @@ Speed-ups over the official code, none of which changes what is computed:
 
 * the students of one protocol step train together: every cell (run x lr grid) of every set and of the
   random subsets that shares the training options and the set size goes into one
-  ``evaluate_synthetic_sets`` call (vectorised on accelerators; ``vectorize=`` passes through); each
+  ``evaluate_synthetic_sets`` call (vectorised on accelerators; ``protocol.vectorize`` passes through); each
   cell's students are seeded by the cell alone (the seed of a synthetic-set cell depends on the kind and
   the run, not on the set: every set sees the same initialisations and data orders — common random
   numbers), so the grouping never changes a result;
@@ -68,10 +71,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.evaluate import default_student
+from lightning_eff.distill.evaluation.protocol import StudentProtocol
 from lightning_eff.distill.synthetic import SyntheticSet
 from lightning_eff.ranking.cache import (
     CACHE_FORMAT,
@@ -84,11 +87,12 @@ from lightning_eff.ranking.cache import (
 from lightning_eff.ranking.plan import _assign, _Context, _Dist, _Job
 from lightning_eff.ranking.results import RankingReport, RankingResult
 from lightning_eff.ranking.teacher import load_teacher
-from lightning_eff.utils.checks import check_float, check_int
+from lightning_eff.utils.checks import check_choice, check_float, check_int
 
 __all__ = [
     "DDRanking",
     "DEFAULT_LR_GRID",
+    "DEFAULT_PROTOCOL",
     "AUGMENTATIONS",
     "load_teacher",
     "CACHE_FORMAT",
@@ -98,11 +102,61 @@ __all__ = [
 #: The official learning-rate grid (``_hyper_param_search_for_*``).
 DEFAULT_LR_GRID: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1)
 AUGMENTATIONS: tuple[str, ...] = ("none", "dsa", "cutmix", "dsa+cutmix")
-SOFT_LABEL_MODES: tuple[str, ...] = ("S", "M")
 METRICS: tuple[str, ...] = ("lrs", "ars")
-SOFT_LOSSES: tuple[str, ...] = ("sce", "kl")
+#: The students' settings of the official protocol (``ddranking`` 0.2.0): 300 epochs, the lr grid, SGD momentum
+#: 0.9, weight decay 5e-4, batch 256, CutMix (beta 1), the best checkpoint of every 20 epochs, hard labels.
+#: ``DEFAULT_PROTOCOL.replace(epochs=50, dsa=True, cutmix=None)`` changes some of them.
+DEFAULT_PROTOCOL = StudentProtocol(
+    epochs=300,
+    lr=DEFAULT_LR_GRID,
+    momentum=0.9,
+    weight_decay=5e-4,
+    batch_size=256,
+    cutmix=True,
+    eval_every=20,
+)
+#: The student settings that DDRanking took as arguments of their own before issue 21 (deprecated; the value is
+#: the StudentProtocol field). ``augmentation`` ("dsa", "cutmix", "dsa+cutmix", "none"), ``dsa`` and ``cutmix``
+#: (objects) map onto the protocol's ``dsa`` and ``cutmix``.
+_LEGACY_FIELDS = {
+    "epochs": "epochs",
+    "lrs": "lr",
+    "eval_every": "eval_every",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "batch_size": "batch_size",
+    "soft_label_mode": "use_soft_labels",
+    "soft_loss": "soft_loss",
+    "temperature": "temperature",
+    "privileged_weight": "privileged_weight",
+    "vectorize": "vectorize",
+}
 # CACHE_FORMAT and PROTOCOL_VERSION (lightning_eff.ranking.cache) and load_teacher (lightning_eff.ranking.teacher)
 # are re-exported here, where they used to live.
+
+
+def _legacy_protocol(protocol: StudentProtocol, legacy: dict[str, Any]) -> StudentProtocol:
+    """``protocol`` with the deprecated flat student arguments of ``DDRanking`` applied (validated by it)."""
+    unknown = sorted(set(legacy) - set(_LEGACY_FIELDS) - {"augmentation", "dsa", "cutmix"})
+    if unknown:
+        raise TypeError(f"DDRanking got unexpected keyword argument(s) {unknown}.")
+    warnings.warn(
+        f"DDRanking: the student settings {sorted(legacy)} as arguments of their own are deprecated; pass "
+        f"protocol=StudentProtocol(...) (lightning_eff.ranking.DEFAULT_PROTOCOL.replace(...) keeps the other "
+        f"defaults).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    changes = {_LEGACY_FIELDS[k]: v for k, v in legacy.items() if k in _LEGACY_FIELDS}
+    if changes.get("use_soft_labels", False) is None:
+        changes["use_soft_labels"] = False
+    if {"augmentation", "dsa", "cutmix"} & set(legacy):
+        current = "+".join(n for n in ("dsa", "cutmix") if getattr(protocol, n) is not None) or "none"
+        aug = legacy.get("augmentation", current)
+        aug = check_choice("none" if aug is None else aug, "augmentation", AUGMENTATIONS, owner="DDRanking")
+        for name in ("dsa", "cutmix"):
+            changes[name] = (legacy.get(name) or getattr(protocol, name) or True) if name in aug else None
+    return protocol.replace(**changes)
 
 
 class DDRanking:
@@ -111,29 +165,29 @@ class DDRanking:
     Args:
         net: student template (re-initialised per student); default: the protocol's ConvNet sized to the
             images (:func:`~lightning_eff.distill.evaluate.default_student`).
+        protocol: how every student on a synthetic set or a random subset trains, a
+            :class:`~lightning_eff.distill.StudentProtocol` (validated there; default :data:`DEFAULT_PROTOCOL`,
+            the paper's). Its ``lr`` is the learning-rate grid (a float: a grid of one), each accuracy the best
+            over it; ``eval_every``: test every this many epochs, an accuracy is the best checkpoint (and the
+            final one); ``use_soft_labels``: ``False`` (hard-label setting), ``"S"`` (stored soft labels) or
+            ``"M"`` (the teacher labels every augmented batch), with ``soft_loss`` and ``temperature``;
+            ``dsa`` / ``cutmix``: the augmentation of the evaluation setting (ARS compares it with none);
+            ``privileged_weight``: DRUPI weight for sets with privileged information (``None``: the set's own),
+            on every training on the synthetic set (random subsets have none); ``vectorize``: passed to
+            ``evaluate_synthetic_sets``. In YAML, ``protocol: {epochs: 40, dsa: true, cutmix: null}`` changes
+            those fields of the default. (The flat keywords ``epochs``, ``lrs``, ``eval_every``, ``momentum``,
+            ``weight_decay``, ``batch_size``, ``soft_label_mode``, ``soft_loss``, ``temperature``,
+            ``augmentation``, ``dsa``, ``cutmix``, ``privileged_weight``, ``vectorize`` of earlier versions still
+            work in Python, with a ``FutureWarning``.)
         ipc: the images per class every ranked set must have (``None``: any; each set is compared with
             random subsets of its own per-class counts).
         num_eval: evaluation runs (random subset redrawn and students re-initialised each run).
-        epochs: training epochs of the students on a synthetic or random set.
-        lrs: the learning-rate grid; each accuracy is the best over it.
         syn_lr: learning rate of the synthetic set's runs in the evaluation setting instead of the grid
             (a float, or ``"synset"`` for the set's learned lr); the hard-label HLR run keeps the grid in
             the soft-label setting, as the package does.
-        eval_every: test every this many epochs; an accuracy is the best checkpoint (and the final one).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        batch_size: student mini-batch size.
-        soft_label_mode: ``None`` (hard-label setting), ``"S"`` (stored soft labels) or ``"M"`` (the teacher
-            labels every augmented batch).
-        soft_loss: ``"sce"`` or ``"kl"``.
-        temperature: soft-label temperature ``T > 0``.
         teacher: the soft-label teacher: an ``nn.Module`` or the path of a checkpoint (see
             :func:`load_teacher`; read when ranking starts). Needed in both soft modes (mode S labels the
             random subsets with it).
-        augmentation: ``"dsa"``, ``"cutmix"``, ``"dsa+cutmix"`` or ``"none"`` / ``None``.
-        dsa: DSA parameters (default ``DSA()``: DD-Ranking's flip 0.5, rotate 15, saturation 2, brightness 1,
-            contrast 0.5, scale 1.2, crop 0.125, cutout 0.5).
-        cutmix: CutMix parameters (default ``CutMix(beta=1.0)``).
         augment_hard: augment the hard-label HLR run in the soft-label setting (``use_aug_for_hard``); as in the
             package, the full-data students are then augmented too (``soft_label.py`` l. 312).
         metrics: which scores: ``"lrs"`` (HLR, IOR, LRS) and/or ``"ars"``.
@@ -147,11 +201,8 @@ class DDRanking:
             ignored) and use run ``r``'s own ``Acc_full`` in run ``r``'s HLR, as ``ddranking`` 0.2.0 does with
             ``eval_full_data=True`` (it retrains the full-data model in every run, ``hard_label.py`` l. 353-361).
         full_data_acc: a known full-data accuracy (fraction) to use instead of training.
-        privileged_weight: DRUPI weight for sets with privileged information (``None``: the set's own);
-            it applies to every training on the synthetic set (random subsets have none).
         seed: seed of everything (subsets, initialisations, data order, augmentation).
         device: where to train (default: the current CUDA device, else CPU).
-        vectorize: passed to ``evaluate_synthetic`` (``None``: students together on accelerators).
         max_students_per_call: at most this many students train together in one call (cells of the same
             options are split into calls of whole cells); bounds the accelerator memory of a vectorised step
             (each student holds its own activations). Results do not depend on it.
@@ -166,8 +217,9 @@ class DDRanking:
         >>> from lightning_eff.data import DigitsDataModule
         >>> from lightning_eff.models import ConvNet
         >>> dm = DigitsDataModule()
-        >>> ranking = DDRanking(net=ConvNet(1, 10, width=8, depth=1, image_size=8), num_eval=1, epochs=2,
-        ...                     lrs=[0.01], full_epochs=1, use_cache=False, progress=False, device="cpu")
+        >>> protocol = DEFAULT_PROTOCOL.replace(epochs=2, lr=[0.01])
+        >>> ranking = DDRanking(ConvNet(1, 10, width=8, depth=1, image_size=8), protocol=protocol, num_eval=1,
+        ...                     full_epochs=1, use_cache=False, progress=False, device="cpu")
         >>> report = ranking.rank({"random": SyntheticSet.random_subset(dm, ipc=2, seed=5)}, dm)
         >>> sorted(report["random"].metrics)[:4], 0.0 <= report["random"].mean("lrs") <= 1.0
         (['ars', 'ars_ddranking', 'hlr', 'ior'], True)
@@ -176,22 +228,12 @@ class DDRanking:
     def __init__(
         self,
         net: nn.Module | None = None,
+        *,
+        protocol: StudentProtocol = DEFAULT_PROTOCOL,
         ipc: int | None = None,
         num_eval: int = 5,
-        epochs: int = 300,
-        lrs: Sequence[float] = DEFAULT_LR_GRID,
         syn_lr: float | str | None = None,
-        eval_every: int = 20,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        batch_size: int = 256,
-        soft_label_mode: str | None = None,
-        soft_loss: str = "sce",
-        temperature: float = 1.0,
         teacher: nn.Module | str | None = None,
-        augmentation: str | None = "cutmix",
-        dsa: DSA | None = None,
-        cutmix: CutMix | None = None,
         augment_hard: bool = False,
         metrics: Sequence[str] = METRICS,
         lrs_weight: float = 0.5,
@@ -202,27 +244,40 @@ class DDRanking:
         full_students: int = 1,
         full_per_run: bool = False,
         full_data_acc: float | None = None,
-        privileged_weight: float | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
-        vectorize: bool | str | None = None,
         max_students_per_call: int = 25,
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
         progress: bool = True,
+        **legacy: Any,
     ) -> None:
         if net is not None and not isinstance(net, nn.Module):
             raise TypeError(f"DDRanking: `net` must be an nn.Module or None, got {type(net).__name__}.")
         self.net = net
+        if protocol is None:
+            protocol = DEFAULT_PROTOCOL
+        if not isinstance(protocol, StudentProtocol):
+            raise TypeError(
+                f"DDRanking: `protocol` must be a lightning_eff.distill.StudentProtocol, got {type(protocol).__name__} "
+                f"(DEFAULT_PROTOCOL.replace(...) changes some of the defaults)."
+            )
+        if legacy:
+            protocol = _legacy_protocol(protocol, legacy)
+        if protocol.lr == "synset":
+            raise ValueError(
+                "DDRanking: `protocol.lr` is the lr grid of the random-real and full-data students too; 'synset' "
+                "applies to the synthetic set's runs only: pass syn_lr='synset'."
+            )
+        #: The students' training settings (validated by StudentProtocol); the derived values below read it.
+        self.student_protocol = protocol
+        self.lrs = [protocol.lr] if isinstance(protocol.lr, float) else list(protocol.lr)
+        self.soft_label_mode = protocol.soft_label_mode
+        self.dsa, self.cutmix = protocol.build_dsa(), protocol.build_cutmix()
+        on = [name for name, aug in (("dsa", self.dsa), ("cutmix", self.cutmix)) if aug is not None]
+        self.augmentation = "+".join(on) or "none"
         self.ipc = None if ipc is None else check_int(ipc, "ipc", minimum=1, owner="DDRanking")
         self.num_eval = check_int(num_eval, "num_eval", minimum=1, owner="DDRanking")
-        self.epochs = check_int(epochs, "epochs", minimum=1, owner="DDRanking")
-        if isinstance(lrs, (str, bytes)) or not isinstance(lrs, (Sequence, Tensor)) or len(lrs) == 0:
-            raise TypeError(f"DDRanking: `lrs` must be a non-empty sequence of learning rates, got {lrs!r}.")
-        self.lrs = [
-            check_float(v, "lrs", low=0.0, low_open=True, owner="DDRanking")
-            for v in (lrs.tolist() if isinstance(lrs, Tensor) else lrs)
-        ]
         if isinstance(syn_lr, str) and syn_lr != "synset":
             raise ValueError(f"DDRanking: `syn_lr` must be None, a float or 'synset', got {syn_lr!r}.")
         self.syn_lr = (
@@ -230,57 +285,27 @@ class DDRanking:
             if syn_lr is None or isinstance(syn_lr, str)
             else check_float(syn_lr, "syn_lr", low=0.0, low_open=True, owner="DDRanking")
         )
-        self.eval_every = check_int(eval_every, "eval_every", minimum=1, owner="DDRanking")
-        self.momentum = check_float(
-            momentum, "momentum", low=0.0, high=1.0, high_open=True, owner="DDRanking"
-        )
-        self.weight_decay = check_float(weight_decay, "weight_decay", low=0.0, owner="DDRanking")
-        self.batch_size = check_int(batch_size, "batch_size", minimum=1, owner="DDRanking")
-        if soft_label_mode not in (None, *SOFT_LABEL_MODES):
-            raise ValueError(
-                f"DDRanking: `soft_label_mode` must be None (hard labels), 'S' (stored soft labels) or 'M' (teacher "
-                f"labels every batch), got {soft_label_mode!r}."
-            )
-        self.soft_label_mode = soft_label_mode
-        if soft_loss not in SOFT_LOSSES:
-            raise ValueError(f"DDRanking: `soft_loss` must be one of {SOFT_LOSSES}, got {soft_loss!r}.")
-        self.soft_loss = soft_loss
-        self.temperature = check_float(temperature, "temperature", low=0.0, low_open=True, owner="DDRanking")
         if teacher is not None and not isinstance(teacher, (nn.Module, str, os.PathLike)):
             raise TypeError(
                 f"DDRanking: `teacher` must be an nn.Module, a checkpoint path or None, got {type(teacher).__name__}."
             )
-        if soft_label_mode is not None and teacher is None:
+        mode = self.soft_label_mode
+        if mode is not None and teacher is None:
             why = (
                 "to label every augmented batch"
-                if soft_label_mode == "M"
+                if mode == "M"
                 else "to give the random-real subsets soft labels"
             )
             raise ValueError(
-                f"DDRanking: soft_label_mode={soft_label_mode!r} needs a `teacher` {why} (an nn.Module or a checkpoint "
-                f"path)."
+                f"DDRanking: soft labels (protocol.use_soft_labels={mode!r}) need a `teacher` {why} (an nn.Module "
+                f"or a checkpoint path)."
             )
-        if soft_label_mode is None and teacher is not None:
+        if mode is None and teacher is not None:
             raise ValueError(
-                "DDRanking: a `teacher` was given but soft_label_mode=None (hard labels); set 'S' or 'M'."
+                "DDRanking: a `teacher` was given but the protocol has hard labels (use_soft_labels=False); set "
+                "protocol.use_soft_labels to 'S' or 'M'."
             )
         self.teacher = teacher
-        augmentation = "none" if augmentation is None else augmentation
-        if augmentation not in AUGMENTATIONS:
-            raise ValueError(
-                f"DDRanking: `augmentation` must be one of {AUGMENTATIONS} or None, got {augmentation!r}."
-            )
-        self.augmentation = augmentation
-        if dsa is not None and not isinstance(dsa, DSA):
-            raise TypeError(
-                f"DDRanking: `dsa` must be a lightning_eff.distill.DSA or None, got {type(dsa).__name__}."
-            )
-        if cutmix is not None and not isinstance(cutmix, CutMix):
-            raise TypeError(
-                f"DDRanking: `cutmix` must be a lightning_eff.distill.CutMix or None, got {type(cutmix).__name__}."
-            )
-        self.dsa = dsa if dsa is not None else DSA()
-        self.cutmix = cutmix if cutmix is not None else CutMix(beta=1.0)
         if not isinstance(augment_hard, bool):
             raise TypeError(f"DDRanking: `augment_hard` must be a bool, got {augment_hard!r}.")
         self.augment_hard = augment_hard
@@ -291,10 +316,10 @@ class DDRanking:
             raise ValueError(
                 f"DDRanking: `metrics` must be a non-empty subset of {METRICS}, got {metrics!r}."
             )
-        if "ars" in metrics and augmentation == "none":
+        if "ars" in metrics and self.augmentation == "none":
             raise ValueError(
                 "DDRanking: the augmentation-robust score compares training with and without augmentation; with "
-                "augmentation='none' it is undefined. Set `augmentation` or metrics=['lrs']."
+                "no augmentation it is undefined. Set protocol.dsa and/or protocol.cutmix, or metrics=['lrs']."
             )
         self.metrics = [m for m in METRICS if m in metrics]
         self.lrs_weight = check_float(lrs_weight, "lrs_weight", low=0.0, high=1.0, owner="DDRanking")
@@ -311,20 +336,10 @@ class DDRanking:
             if full_data_acc is None
             else check_float(full_data_acc, "full_data_acc", low=0.0, high=1.0, owner="DDRanking")
         )
-        self.privileged_weight = (
-            None
-            if privileged_weight is None
-            else check_float(privileged_weight, "privileged_weight", low=0.0, owner="DDRanking")
-        )
         self.seed = check_int(seed, "seed", minimum=-(2**63), owner="DDRanking")
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(f"DDRanking: `device` must be a string, a torch.device or None, got {device!r}.")
         self.device = device
-        if vectorize is not None and not isinstance(vectorize, bool) and vectorize != "vmap":
-            raise ValueError(
-                f"DDRanking: `vectorize` must be True, False, None or 'vmap', got {vectorize!r}."
-            )
-        self.vectorize = vectorize
         self.max_students_per_call = check_int(
             max_students_per_call, "max_students_per_call", minimum=1, owner="DDRanking"
         )
@@ -533,20 +548,21 @@ class DDRanking:
 
     def protocol(self) -> dict[str, Any]:
         """The settings of this evaluator (JSON-serialisable; the net and teacher described)."""
+        sp = self.student_protocol
         return {
             "num_eval": self.num_eval,
-            "epochs": self.epochs,
+            "epochs": sp.epochs,
             "lr_grid": list(self.lrs),
             "syn_lr": self.syn_lr,
-            "eval_every": self.eval_every,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "batch_size": self.batch_size,
+            "eval_every": sp.eval_every,
+            "momentum": sp.momentum,
+            "weight_decay": sp.weight_decay,
+            "batch_size": sp.batch_size,
             "lr_schedule": "x0.1 at half of the epochs",
             "label_setting": "hard" if self.soft_label_mode is None else f"soft ({self.soft_label_mode})",
             "soft_label_mode": self.soft_label_mode,
-            "soft_loss": self.soft_loss if self.soft_label_mode else None,
-            "temperature": self.temperature if self.soft_label_mode else None,
+            "soft_loss": sp.soft_loss if self.soft_label_mode else None,
+            "temperature": sp.temperature if self.soft_label_mode else None,
             "augmentation": self.augmentation,
             "dsa": self.dsa.config() if "dsa" in self.augmentation else None,
             "cutmix": self.cutmix.config() if "cutmix" in self.augmentation else None,
@@ -563,12 +579,13 @@ class DDRanking:
                 "augmented": self.soft_label_mode is not None and self.augment_hard,
                 "given_accuracy": self.full_data_acc,
             },
-            "privileged_weight": self.privileged_weight,
+            "privileged_weight": sp.privileged_weight,
             "seed": self.seed,
-            "vectorize": self.vectorize,
+            "vectorize": sp.vectorize,
             "accuracy": "best over checkpoints every eval_every epochs (and the final one), best over the lr grid",
             "scores": "fractions; mean and population std over runs of the per-run scores",
             "protocol_version": PROTOCOL_VERSION,
+            "student_protocol": sp.to_dict(),
             "departures_from_ddranking_0.2.0": self.departures(),
         }
 
@@ -584,9 +601,15 @@ class DDRanking:
             "lr x0.1 at half of the epochs; the package's StepLR step_size has no default (get_lr_scheduler asserts, "
             "utils/train_and_eval.py l. 116)",
         ]
-        if self.eval_every != 10 and self.soft_label_mode is None and "lrs" in self.metrics:
+        eval_every = self.student_protocol.eval_every
+        if eval_every is None:
             out.append(
-                f"checkpoints every {self.eval_every} epochs; the package's hard-label LRS tests every 10 "
+                "only the final epoch is tested (protocol.eval_every=None); the package tests every 10 (hard-label "
+                "LRS, hard_label.py l. 119) or 20 epochs (soft_label.py l. 130, aug_robust.py l. 135)"
+            )
+        elif eval_every != 10 and self.soft_label_mode is None and "lrs" in self.metrics:
+            out.append(
+                f"checkpoints every {eval_every} epochs; the package's hard-label LRS tests every 10 "
                 "(LabelRobustScoreHard.test_interval, hard_label.py l. 119; soft and ARS: 20, soft_label.py l. 130, "
                 "aug_robust.py l. 135)"
             )

@@ -194,12 +194,13 @@ class _Context:
 
     def _labels(self, soft: bool) -> dict[str, Any]:
         o = self.o
+        sp = o.student_protocol  # the students' settings
         if not soft or o.soft_label_mode is None:
             return {"use_soft_labels": False}
         out: dict[str, Any] = {
             "use_soft_labels": o.soft_label_mode,
-            "soft_loss": o.soft_loss,
-            "temperature": o.temperature,
+            "soft_loss": sp.soft_loss,
+            "temperature": sp.temperature,
         }
         if o.soft_label_mode == "M":
             out["teacher"] = self.teacher
@@ -207,29 +208,31 @@ class _Context:
 
     def _common(self, epochs: int, batch_size: int) -> dict[str, Any]:
         o = self.o
+        sp = o.student_protocol  # the students' settings
         return {
             "net": self.template,
             "epochs": epochs,
-            "momentum": o.momentum,
-            "weight_decay": o.weight_decay,
+            "momentum": sp.momentum,
+            "weight_decay": sp.weight_decay,
             "batch_size": batch_size,
-            "eval_every": o.eval_every,
+            "eval_every": sp.eval_every,
             "device": self.device,
-            "vectorize": o.vectorize,
+            "vectorize": sp.vectorize,
         }
 
     def plan(self, named: dict[str, SyntheticSet]) -> list[_Job]:
         o = self.o
+        sp = o.student_protocol  # the students' settings
         soft = o.soft_label_mode is not None
         need_lrs, need_ars = "lrs" in o.metrics, "ars" in o.metrics
         jobs: list[_Job] = []
         base = {"v": PROTOCOL_VERSION, "data": self.data_fp, "net": self.net_desc}
         students_desc = {
-            "epochs": o.epochs,
-            "momentum": o.momentum,
-            "weight_decay": o.weight_decay,
-            "batch_size": o.batch_size,
-            "eval_every": o.eval_every,
+            "epochs": sp.epochs,
+            "momentum": sp.momentum,
+            "weight_decay": sp.weight_decay,
+            "batch_size": sp.batch_size,
+            "eval_every": sp.eval_every,
         }
 
         if need_lrs and o.full_data_acc is None:
@@ -250,9 +253,9 @@ class _Context:
                 "epochs": o.full_epochs,
                 "lr": o.full_lr,
                 "batch_size": o.full_batch_size,
-                "momentum": o.momentum,
-                "weight_decay": o.weight_decay,
-                "eval_every": o.eval_every,
+                "momentum": sp.momentum,
+                "weight_decay": sp.weight_decay,
+                "eval_every": sp.eval_every,
                 "students": n_full,
                 "seed": seed,
             }
@@ -291,7 +294,7 @@ class _Context:
                     seed = derive_seed(o.seed, kind, run, ctag)
                     labels = self._labels(soft)
                     options = {
-                        **self._common(o.epochs, o.batch_size),
+                        **self._common(sp.epochs, sp.batch_size),
                         **labels,
                         **self._aug(aug),
                         "privileged_weight": 0.0,
@@ -317,7 +320,7 @@ class _Context:
                             (lambda c=counts, r=run: self.random_subset(c, r)),
                             options,
                             seed,
-                            cost=len(o.lrs) * o.epochs * sum(counts),
+                            cost=len(o.lrs) * sp.epochs * sum(counts),
                             cache=desc,
                         )
                     )
@@ -336,10 +339,10 @@ class _Context:
                 kinds.append(("syn_noaug", soft, False, syn_lrs))
             for kind, use_soft, aug, lrs in kinds:
                 options = {
-                    **self._common(o.epochs, o.batch_size),
+                    **self._common(sp.epochs, sp.batch_size),
                     **self._labels(use_soft),
                     **self._aug(aug),
-                    "privileged_weight": o.privileged_weight,
+                    "privileged_weight": sp.privileged_weight,
                 }
                 for run in range(o.num_eval):
                     jobs.append(
@@ -351,7 +354,7 @@ class _Context:
                             (lambda s=s: s),
                             options,
                             derive_seed(o.seed, kind, run),
-                            cost=len(lrs) * o.epochs * len(s),
+                            cost=len(lrs) * sp.epochs * len(s),
                         )
                     )
         return jobs
