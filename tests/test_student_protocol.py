@@ -35,7 +35,7 @@ def test_normalised_values():
     assert StudentProtocol(dsa={"strategy": "flip", "flip": 0.3, "mode": "multiple"}).build_dsa().flip == 0.3
     assert StudentProtocol(cutmix=True).cutmix == CutMix().config()
     assert StudentProtocol(dsa=False, cutmix=False).build_dsa() is None
-    assert StudentProtocol(lr="synset").lr == "synset"
+    assert StudentProtocol(lr="synset").lr == "synset" and StudentProtocol(lr=[0, 0.1]).lr == (0.0, 0.1)
     assert StudentProtocol(use_soft_labels="M").soft_label_mode == "M"
 
 
@@ -54,7 +54,7 @@ def test_to_dict_is_json_and_round_trips():
         ({"epochs": 0}, ValueError, "StudentProtocol: `epochs` must be an int >= 1"),
         ({"epochs": 2.0}, TypeError, "`epochs` must be an int"),
         ({"epochs": True}, TypeError, "`epochs`"),
-        ({"lr": 0.0}, ValueError, "`lr` must be in"),
+        ({"lr": -0.1}, ValueError, "`lr` must be in"),
         ({"lr": [0.1, -1.0]}, ValueError, "`lr`"),
         ({"lr": []}, ValueError, "`lr` must not be an empty"),
         ({"lr": "auto"}, ValueError, "'synset'"),

@@ -57,7 +57,7 @@ class StudentProtocol:
     Args:
         epochs: training epochs over the reduced set (``>= 1``); the lr is divided by 10 from epoch
             ``max(1, epochs // 2)`` on (momentum kept, DD-Ranking's ``StepLR``).
-        lr: the SGD learning rate (``> 0``); a list gives one lr per student (an lr grid trained together,
+        lr: the SGD learning rate (``>= 0``; 0 keeps a student at its initialisation, a control); a list gives one lr per student (an lr grid trained together,
             its length must equal the number of students); ``"synset"`` uses the set's learned lr
             (trajectory matching's ``synset.lr``).
         momentum: SGD momentum, in ``[0, 1)``.
@@ -167,8 +167,8 @@ def _check_lr(lr: Any) -> float | tuple[float, ...] | str:
     if isinstance(lr, Sequence):
         if len(lr) == 0:
             raise ValueError(f"{_OWNER}: `lr` must not be an empty sequence (give one lr per student).")
-        return tuple(check_float(v, "lr", low=0.0, low_open=True, owner=_OWNER) for v in lr)
-    return check_float(lr, "lr", low=0.0, low_open=True, owner=_OWNER)
+        return tuple(check_float(v, "lr", low=0.0, owner=_OWNER) for v in lr)
+    return check_float(lr, "lr", low=0.0, owner=_OWNER)
 
 
 def _soft_label_mode(value: Any) -> str | None:
