@@ -1,4 +1,8 @@
-"""The evaluation protocol: vectorised == sequential, accuracy, lr grid, soft labels, DRUPI term, callback."""
+"""The evaluation protocol: vectorised == sequential, accuracy, lr grid, soft labels, DRUPI term, callback.
+
+Most tests give the protocol's fields as keywords (``evaluate_synthetic(s, dm, epochs=2, lr=0.05)``), which is
+``evaluate_synthetic(s, dm, StudentProtocol(epochs=2, lr=0.05))`` (tested below).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from lightning_eff.data import DigitsDataModule
 from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.evaluate import (
     EvaluationResult,
+    StudentProtocol,
     SyntheticEvalCallback,
     default_student,
     evaluate_synthetic,
@@ -123,6 +128,53 @@ def test_students_do_not_interact(dm16):
     assert state_close(three.students[0], one.students[0], atol=1e-6)
     assert three.accuracies[0] == pytest.approx(one.accuracies[0], abs=1 / 359)
     assert not state_close(three.students[0], three.students[1])
+
+
+# ------------------------------------------------------------------------------ the protocol object
+def test_protocol_object_equals_keywords_and_keywords_override_it(dm16):
+    synset = small_set(dm16)
+    p = StudentProtocol(epochs=2, lr=(0.05, 0.01), batch_size=8, dsa="crop_flip", eval_every=1)
+    kw = dict(net=tiny(), seed=3, device="cpu", return_students=True)
+    a = evaluate_synthetic(synset, dm16, p, **kw)
+    assert len(a.accuracies) == 2 and a.lrs == [0.05, 0.01]  # num_students: one per lr of the list
+    assert a.protocol["epochs"] == 2 and a.protocol["dsa"] == DSA("crop_flip").config()
+    b = evaluate_synthetic(synset, dm16, epochs=2, lr=[0.05, 0.01], batch_size=8, dsa=DSA("crop_flip"),
+                           eval_every=1, num_students=2, **kw)
+    c = evaluate_synthetic(synset, dm16, p.replace(epochs=9, batch_size=4), epochs=2, batch_size=8, **kw)
+    for other in (b, c):
+        assert other.protocol == a.protocol and other.history == a.history
+        assert all(state_close(u, v, atol=0, rtol=0) for u, v in zip(a.students, other.students))
+    # the sets variant takes the same protocol
+    (d,) = evaluate_synthetic_sets([synset], dm16, p, **kw)
+    assert d.history == a.history
+
+
+def test_protocol_argument_errors(dm16):
+    s16 = small_set(dm16)
+    with pytest.raises(TypeError, match=r"evaluate_synthetic: unknown argument\(s\) \['epoch'\]"):
+        evaluate_synthetic(s16, dm16, epoch=3)
+    with pytest.raises(TypeError, match="`protocol` must be a StudentProtocol.*net="):
+        evaluate_synthetic(s16, dm16, tiny())  # the former third positional argument, net
+    with pytest.raises(TypeError, match="`protocol` must be a StudentProtocol"):
+        evaluate_synthetic_sets([s16], dm16, {"epochs": 2})
+    with pytest.raises(ValueError, match="StudentProtocol: `batch_size`"):
+        evaluate_synthetic(s16, dm16, StudentProtocol(), batch_size=0)
+
+
+def test_public_helpers_and_former_private_names(dm16):
+    from lightning_eff.distill import evaluate as old
+    from lightning_eff.distill.evaluation import test_tensors
+    from lightning_eff.models.privileged import FeatureTap
+
+    x, y = test_tensors(dm16)
+    assert old._test_tensors is test_tensors and old._FeatureTap is FeatureTap
+    assert x.shape[1:] == (1, 16, 16) and len(x) == len(y) == len(dm16.test_set)
+    assert torch.equal(y, torch.cat([b[1] for b in dm16.test_dataloader()]))
+    net = tiny()
+    tap = FeatureTap(net, "encoder")
+    tap.active = True
+    out = net(x[:3])
+    assert out.shape == (3, 10) and torch.equal(tap.take(), net.encoder(x[:3]))
 
 
 # ------------------------------------------------------------------------------ several sets in one call
@@ -446,7 +498,7 @@ def test_callback_logs_eval_accuracy(dm16, tmp_path, monkeypatch):
 
     dm = DigitsDataModule(image_size=16, batch_size=64)
     module = _FakeDistillation(small_set(dm16, ipc=2))
-    cb = SyntheticEvalCallback(every_n_steps=2, num_students=2, epochs=2, net=tiny(), lr=0.05)
+    cb = SyntheticEvalCallback(every_n_steps=2, num_students=2, protocol=StudentProtocol(epochs=2, lr=0.05), net=tiny())
     trainer = L.Trainer(max_steps=5, callbacks=[cb], logger=CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     broadcasts = []
@@ -471,15 +523,36 @@ def test_callback_logs_eval_accuracy(dm16, tmp_path, monkeypatch):
     assert restored.history == cb.history and restored._last_step == 5
 
 
+def test_callback_protocol_from_yaml_and_deprecated_keywords():
+    """LightningCLI's parser builds the callback's StudentProtocol from YAML and rejects a wrong type."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SyntheticEvalCallback, "cb")
+    cfg = parser.parse_args(["--cb.every_n_steps=10", "--cb.protocol", "{epochs: 4, lr: 0.05, cutmix: true}"])
+    cb = parser.instantiate(cfg).cb
+    assert cb.every_n_steps == 10 and cb.protocol == StudentProtocol(epochs=4, lr=0.05, cutmix=True)
+    with pytest.raises(Exception, match="batch_size"):
+        parser.parse_args(["--cb.protocol", "{batch_size: big}"])
+    assert SyntheticEvalCallback().protocol == StudentProtocol(epochs=100)  # the callback's default
+    with pytest.warns(DeprecationWarning, match="protocol=StudentProtocol"):
+        old = SyntheticEvalCallback(every_n_steps=100, num_students=2, epochs=50, dsa=True)
+    assert old.protocol == StudentProtocol(epochs=50, dsa=True) and old.epochs == 50
+
+
 def test_callback_bad_arguments_and_module():
     with pytest.raises(ValueError, match="every_n_steps"):
         SyntheticEvalCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="num_students"):
         SyntheticEvalCallback(num_students=0)
-    with pytest.raises(TypeError, match="unknown evaluate_synthetic argument"):
+    with pytest.raises(TypeError, match=r"SyntheticEvalCallback: unknown argument\(s\) \['learning_rate'\]"):
         SyntheticEvalCallback(learning_rate=0.1)
-    with pytest.raises(TypeError, match="unknown evaluate_synthetic argument"):
+    with pytest.raises(TypeError, match="unknown argument"):
         SyntheticEvalCallback(synset=None)
+    with pytest.raises(TypeError, match="`protocol` must be a StudentProtocol"):
+        SyntheticEvalCallback(2, 2, 50)  # the former third positional argument, epochs
+    with pytest.raises(TypeError, match="`net`"):
+        SyntheticEvalCallback(net="ConvNet")
 
     class NoSet(L.LightningModule):
         pass

@@ -12,13 +12,13 @@ from lightning_eff.distill.augment import DSA, CutMix
 from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
 from lightning_eff.distill.dm import DistributionMatching
 from lightning_eff.distill.drupi import DRUPI, StaticSet
-from lightning_eff.distill.evaluate import (
+from lightning_eff.distill.evaluation import (
     EvaluationResult,
+    StudentProtocol,
     SyntheticEvalCallback,
     evaluate_synthetic,
     evaluate_synthetic_sets,
 )
-from lightning_eff.distill.evaluation.protocol import StudentProtocol
 from lightning_eff.distill.gm import GradientMatching
 from lightning_eff.distill.mtt import (
     ExpertTrajectory,

@@ -324,7 +324,7 @@ class ImageClassifier(L.LightningModule):
 
     def _privileged_forward(self, x: Tensor, target: Tensor) -> tuple[Tensor, tuple[float, Tensor]]:
         """``(logits, (weight, MSE(pool(E(x)), target)))`` in one forward pass."""
-        from lightning_eff.distill.evaluate import _FeatureTap, pool_privileged, privileged_loss
+        from lightning_eff.models.privileged import FeatureTap, pool_privileged, privileged_loss
 
         trainer = getattr(self, "_trainer", None)
         info = getattr(getattr(trainer, "datamodule", None), "privileged_info", None)
@@ -336,7 +336,7 @@ class ImageClassifier(L.LightningModule):
         weight = self.privileged_weight if self.privileged_weight is not None else float(info.get("weight", 0.0))
         layer = self.feature_layer or info.get("layer") or "encoder"
         if self._tap is None:
-            self._tap = _FeatureTap(self.net, layer, where=f"{type(self).__name__}: privileged labels need `feature_layer`")
+            self._tap = FeatureTap(self.net, layer, where=f"{type(self).__name__}: privileged labels need `feature_layer`")
         self._tap.active = True
         try:
             logits = self(x)
