@@ -73,8 +73,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_eff.distill.evaluate import default_student
-from lightning_eff.distill.evaluation.protocol import StudentProtocol
+from lightning_eff.distill.evaluation import StudentProtocol, default_student
 from lightning_eff.distill.synthetic import SyntheticSet
 from lightning_eff.ranking.cache import (
     CACHE_FORMAT,
@@ -164,7 +163,7 @@ class DDRanking:
 
     Args:
         net: student template (re-initialised per student); default: the protocol's ConvNet sized to the
-            images (:func:`~lightning_eff.distill.evaluate.default_student`).
+            images (:func:`~lightning_eff.distill.evaluation.default_student`).
         protocol: how every student on a synthetic set or a random subset trains, a
             :class:`~lightning_eff.distill.StudentProtocol` (validated there; default :data:`DEFAULT_PROTOCOL`,
             the paper's). Its ``lr`` is the learning-rate grid (a float: a grid of one), each accuracy the best

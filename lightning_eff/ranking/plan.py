@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_eff.distill.evaluate import evaluate_synthetic_sets
+from lightning_eff.distill.evaluation import evaluate_synthetic_sets
 from lightning_eff.distill.synthetic import SyntheticSet
 from lightning_eff.ranking import functional as F
 from lightning_eff.ranking.cache import PROTOCOL_VERSION, _describe_net, _hash_json, _state_fingerprint
