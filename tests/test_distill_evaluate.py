@@ -163,11 +163,11 @@ def test_protocol_argument_errors(dm16):
 
 def test_public_helpers_and_former_private_names(dm16):
     from lightning_eff.distill import evaluate as old
-    from lightning_eff.distill.evaluation import test_tensors
+    from lightning_eff.distill.evaluation import load_test_tensors
     from lightning_eff.models.privileged import FeatureTap
 
-    x, y = test_tensors(dm16)
-    assert old._test_tensors is test_tensors and old._FeatureTap is FeatureTap
+    x, y = load_test_tensors(dm16)
+    assert old._test_tensors is load_test_tensors and old._FeatureTap is FeatureTap
     assert x.shape[1:] == (1, 16, 16) and len(x) == len(y) == len(dm16.test_set)
     assert torch.equal(y, torch.cat([b[1] for b in dm16.test_dataloader()]))
     net = tiny()
@@ -469,6 +469,10 @@ def test_errors(dm16, dm8):
         wrong = SyntheticSet(s16.images, s16.labels, privileged=torch.zeros(20, 5),
                              metadata=dict(s16.metadata, privileged={"kind": "attention", "weight": 1.0}))
         evaluate_synthetic(wrong, dm16, net=tiny(), epochs=1)
+    bogus = SyntheticSet(s16.images, s16.labels, privileged=torch.zeros(20, 8),
+                         metadata=dict(s16.metadata, privileged={"kind": "saliency", "weight": 1.0}))
+    with pytest.raises(ValueError, match=r"`synset.metadata\['privileged'\]\['kind'\]` must be one of"):
+        evaluate_synthetic(bogus, dm16, net=tiny(), epochs=1)
     with pytest.raises(ValueError, match="feature_layer"):
         evaluate_synthetic(_priv_set(dm16, 1.0), dm16, net=nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), epochs=1)
 
@@ -553,6 +557,8 @@ def test_callback_bad_arguments_and_module():
         SyntheticEvalCallback(2, 2, 50)  # the former third positional argument, epochs
     with pytest.raises(TypeError, match="`net`"):
         SyntheticEvalCallback(net="ConvNet")
+    with pytest.raises(ValueError, match="protocol.lr has 2 values but num_students=3"):
+        SyntheticEvalCallback(num_students=3, protocol=StudentProtocol(lr=[0.1, 0.2]))
 
     class NoSet(L.LightningModule):
         pass

@@ -26,6 +26,14 @@ def test_frozen_hashable_and_equal_by_value():
         a.epochs = 3  # type: ignore[misc]
 
 
+def test_pickle_and_deepcopy_keep_the_protocol():
+    import copy
+    import pickle
+
+    p = StudentProtocol(epochs=3, lr=[0.1, 0.2], dsa=True, cutmix=True, use_soft_labels="M")
+    assert pickle.loads(pickle.dumps(p)) == p and copy.deepcopy(p) == p
+
+
 def test_normalised_values():
     p = StudentProtocol(lr=[1, 0.5], dsa="crop_flip", cutmix={"beta": 2.0}, use_soft_labels=True, momentum=0)
     assert p.lr == (1.0, 0.5) and all(type(v) is float for v in p.lr)

@@ -10,13 +10,13 @@ Where each name lives now:
 - ``stacked_convnet_forward`` and the student trainers: ``...evaluation.trainers``;
 - the students' batches and random streams: ``...evaluation.batches``;
 - ``soft_label_loss``, ``soft_label_terms``: ``...evaluation.losses``;
-- ``_test_tensors``, now public as ``test_tensors``: ``...evaluation.data``;
+- ``_test_tensors``, now public as ``load_test_tensors``: ``...evaluation.data``;
 - ``privileged_loss``, ``privileged_terms``, ``pool_privileged`` and ``_FeatureTap``, now public as
   ``FeatureTap``: ``lightning_eff.models.privileged`` (the classifier uses them too).
 """
 
 from lightning_eff.distill.evaluation.callback import SyntheticEvalCallback
-from lightning_eff.distill.evaluation.data import _test_tensors, test_tensors  # noqa: F401  (former private name)
+from lightning_eff.distill.evaluation.data import _test_tensors, load_test_tensors  # noqa: F401  (former private name)
 from lightning_eff.distill.evaluation.functional import (
     default_student,
     evaluate_synthetic,
@@ -37,7 +37,7 @@ __all__ = [
     "evaluate_synthetic_sets",
     "SyntheticEvalCallback",
     "default_student",
-    "test_tensors",
+    "load_test_tensors",
     "soft_label_loss",
     "soft_label_terms",
     "privileged_loss",

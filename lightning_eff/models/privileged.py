@@ -45,6 +45,7 @@ def privileged_loss(features: Tensor, target: Tensor, kind: str = "feature", poo
 
     Example::
 
+        >>> import torch
         >>> e = torch.ones(2, 3, 2, 2)
         >>> float(privileged_loss(e, torch.zeros(2, 3), kind="attention"))
         1.0

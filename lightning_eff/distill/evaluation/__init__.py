@@ -51,14 +51,14 @@ Departures from the official code (documented in :attr:`EvaluationResult.protoco
 Layout (each file one concept): ``protocol.py`` :class:`StudentProtocol`; ``functional.py``
 :func:`evaluate_synthetic`, :func:`evaluate_synthetic_sets`, :func:`default_student`; ``trainers.py`` the
 vectorised and sequential student trainers and :func:`stacked_convnet_forward`; ``batches.py`` the students'
-batches and random streams; ``data.py`` :func:`test_tensors` (the cached real test split); ``losses.py`` the
+batches and random streams; ``data.py`` :func:`load_test_tensors` (the cached real test split); ``losses.py`` the
 soft-label losses; ``result.py`` :class:`EvaluationResult`; ``callback.py`` :class:`SyntheticEvalCallback`.
 DRUPI's privileged-label term and the feature tap are in :mod:`lightning_eff.models.privileged` (classifiers use
 them too). ``lightning_eff.distill.evaluate`` re-exports all of it (the former single module).
 """
 
 from lightning_eff.distill.evaluation.callback import SyntheticEvalCallback
-from lightning_eff.distill.evaluation.data import test_tensors
+from lightning_eff.distill.evaluation.data import load_test_tensors
 from lightning_eff.distill.evaluation.functional import (
     default_student,
     evaluate_synthetic,
@@ -76,7 +76,7 @@ __all__ = [
     "evaluate_synthetic_sets",
     "SyntheticEvalCallback",
     "default_student",
-    "test_tensors",
+    "load_test_tensors",
     "soft_label_loss",
     "soft_label_terms",
     "stacked_convnet_forward",

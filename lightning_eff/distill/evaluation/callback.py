@@ -33,7 +33,8 @@ class SyntheticEvalCallback(Callback):
         num_students: students per evaluation.
         protocol: how the students are trained (:class:`~lightning_eff.distill.StudentProtocol`); default
             ``StudentProtocol(epochs=100)``. In a LightningCLI config:
-            ``init_args: {protocol: {epochs: 300, dsa: true}}``.
+            ``init_args: {protocol: {epochs: 300, dsa: true}}`` (the fields it does not set take
+            ``StudentProtocol``'s defaults, e.g. 300 epochs).
         on_fit_end: also evaluate at the end of fit (unless the last step was just evaluated).
         datamodule: the DataModule to test on (default: ``trainer.datamodule``).
         net: student template (default: :func:`~lightning_eff.distill.evaluation.functional.default_student`).
@@ -84,6 +85,11 @@ class SyntheticEvalCallback(Callback):
                 f"protocol=StudentProtocol(...) (in YAML: init_args.protocol: {{...}}).",
                 DeprecationWarning,
                 stacklevel=2,
+            )
+        if isinstance(self.protocol.lr, tuple) and len(self.protocol.lr) != self.num_students:
+            raise ValueError(
+                f"{name}: protocol.lr has {len(self.protocol.lr)} values but num_students={self.num_students}; give "
+                f"one lr per student."
             )
         self.evaluate_on_fit_end = on_fit_end
         self.datamodule = datamodule

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["test_tensors"]
+__all__ = ["load_test_tensors"]
 
 _TEST_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def test_tensors(datamodule: Any) -> tuple[Tensor, Tensor]:
+def load_test_tensors(datamodule: Any) -> tuple[Tensor, Tensor]:
     """All test images and labels of ``datamodule`` (CPU), cached per DataModule and test set."""
     if not callable(getattr(datamodule, "test_dataloader", None)):
         raise TypeError(
@@ -46,4 +46,4 @@ def test_tensors(datamodule: Any) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-_test_tensors = test_tensors  # the former private name (lightning_eff.distill.evaluate._test_tensors)
+_test_tensors = load_test_tensors  # the former private name (lightning_eff.distill.evaluate._test_tensors)

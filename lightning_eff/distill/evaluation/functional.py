@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eff.distill.evaluation.batches import _Batches
-from lightning_eff.distill.evaluation.data import test_tensors
+from lightning_eff.distill.evaluation.data import load_test_tensors
 from lightning_eff.distill.evaluation.protocol import StudentProtocol
 from lightning_eff.distill.evaluation.result import EvaluationResult, _mean_std
 from lightning_eff.distill.evaluation.trainers import (
@@ -30,7 +30,7 @@ from lightning_eff.distill.evaluation.trainers import (
 )
 from lightning_eff.distill.synthetic import SyntheticSet
 from lightning_eff.models.privileged import POOLINGS, PRIVILEGED_KINDS, FeatureTap, pool_privileged
-from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.checks import check_choice, check_int
 
 __all__ = ["evaluate_synthetic", "evaluate_synthetic_sets", "default_student"]
 
@@ -235,7 +235,7 @@ def evaluate_synthetic_sets(
     dsa_, cutmix_ = protocol.build_dsa(), protocol.build_cutmix()
 
     # ---- data and shapes
-    test_x, test_y = test_tensors(datamodule)
+    test_x, test_y = load_test_tensors(datamodule)
     num_classes = int(getattr(datamodule, "num_classes", None) or synset.num_classes)
     expected_shape = tuple(getattr(datamodule, "image_shape", None) or test_x.shape[1:])
     for synset in synsets:
@@ -465,9 +465,7 @@ def _resolve_privileged(privileged_weight: Any, synset: SyntheticSet) -> tuple[f
             raise ValueError(
                 f"evaluate_synthetic: privileged_weight={weight} but the synthetic set has no privileged information."
             )
-        if kind not in PRIVILEGED_KINDS:
-            raise ValueError(f"synset.metadata['privileged']['kind'] must be one of {PRIVILEGED_KINDS}, got {kind!r}.")
-        if pooling not in POOLINGS:
-            raise ValueError(f"synset.metadata['privileged']['pooling'] must be one of {POOLINGS}, got {pooling!r}.")
+        check_choice(kind, "synset.metadata['privileged']['kind']", PRIVILEGED_KINDS, owner=_OWNER)
+        check_choice(pooling, "synset.metadata['privileged']['pooling']", POOLINGS, owner=_OWNER)
     return weight, kind, pooling
 

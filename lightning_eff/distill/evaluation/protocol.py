@@ -57,9 +57,9 @@ class StudentProtocol:
     Args:
         epochs: training epochs over the reduced set (``>= 1``); the lr is divided by 10 from epoch
             ``max(1, epochs // 2)`` on (momentum kept, DD-Ranking's ``StepLR``).
-        lr: the SGD learning rate (``>= 0``; 0 keeps a student at its initialisation, a control); a list gives one lr per student (an lr grid trained together,
-            its length must equal the number of students); ``"synset"`` uses the set's learned lr
-            (trajectory matching's ``synset.lr``).
+        lr: the SGD learning rate (``>= 0``; 0 keeps a student at its initialisation, a control); a list
+            gives one lr per student (an lr grid trained together, its length must equal the number of
+            students); ``"synset"`` uses the set's learned lr (trajectory matching's ``synset.lr``).
         momentum: SGD momentum, in ``[0, 1)``.
         weight_decay: SGD weight decay (L2 added to the gradient), ``>= 0``.
         batch_size: mini-batch size (``>= 1``; the last batch of an epoch may be smaller).
