@@ -65,9 +65,9 @@ def _state_fingerprint(net: nn.Module) -> str:
 
 def data_fingerprint(dm) -> dict[str, Any]:
     """What identifies a DataModule's data for the cache: its class, shape, training labels and test split."""
-    from lightning_eff.distill.evaluation import test_tensors
+    from lightning_eff.distill.evaluation import load_test_tensors
 
-    test_x, test_y = test_tensors(dm)
+    test_x, test_y = load_test_tensors(dm)
     return {
         "class": f"{type(dm).__module__}.{type(dm).__qualname__}",
         "num_classes": int(dm.num_classes),
