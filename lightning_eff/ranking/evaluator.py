@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from lightning_eff.distill.evaluation import StudentProtocol, default_student
+from lightning_eff.distill.evaluation.protocol import SOFT_LABEL_MODES, SOFT_LOSSES  # noqa: F401 (they lived here)
 from lightning_eff.distill.synthetic import SyntheticSet
 from lightning_eff.ranking.cache import (
     CACHE_FORMAT,
