@@ -111,7 +111,7 @@ def section_distill(args: argparse.Namespace, out: Path, work: Path) -> dict[str
     from lightning_eff.data import DigitsDataModule
     from lightning_eff.distill import NCFM, SyntheticSet
     from lightning_eff.models import ConvNet
-    from lightning_eff.ranking import DDRanking
+    from lightning_eff.ranking import DEFAULT_PROTOCOL, DDRanking
 
     dm = DigitsDataModule(image_size=8)
     dm.setup("fit")
@@ -148,7 +148,11 @@ def section_distill(args: argparse.Namespace, out: Path, work: Path) -> dict[str
         print("[distill] DD-Ranking of the NCFM set", flush=True)
         rank_settings = dict(num_eval=2, epochs=50, lrs=[0.01, 0.05], eval_every=10, augmentation="dsa",
                              metrics=["lrs", "ars"], full_epochs=20)
-        ranking = DDRanking(net=net(), device="cpu", progress=False, use_cache=False, seed=args.seed, **rank_settings)
+        r = rank_settings
+        protocol = DEFAULT_PROTOCOL.replace(epochs=r["epochs"], lr=r["lrs"], eval_every=r["eval_every"], dsa=True,
+                                            cutmix=None)  # augmentation="dsa"
+        ranking = DDRanking(net=net(), protocol=protocol, num_eval=r["num_eval"], metrics=r["metrics"],
+                            full_epochs=r["full_epochs"], device="cpu", progress=False, use_cache=False, seed=args.seed)
         report = ranking.rank({f"NCFM ({args.ncfm_iters} it.)": ncfm_set}, dm)
         caption = (
             f"DD-Ranking of the NCFM set above (digits, IPC {args.ipc}): LRS / ARS against random real images of the "

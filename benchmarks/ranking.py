@@ -214,21 +214,26 @@ def official_trainings(n_sets: int, runs: int, grid: int, soft: bool) -> int:
     return n_sets * (lrs + ars)
 
 
-def ranking_kwargs(args, soft: bool, teacher) -> dict:
+def ranking_kwargs(args, soft: bool, teacher, vectorize: bool | None = None) -> dict:
+    from lightning_eff.distill import StudentProtocol
     from lightning_eff.models import ConvNet
 
     grid = [0.001, 0.005, 0.01, 0.05, 0.1][: max(1, min(5, args.grid))]
     return dict(
         net=ConvNet(1, 10, width=args.width, depth=args.depth, image_size=args.size),
+        protocol=StudentProtocol(
+            epochs=args.epochs,
+            lr=grid,
+            eval_every=args.eval_every,
+            batch_size=256,
+            use_soft_labels="M" if soft else False,
+            soft_loss="sce",
+            dsa=None if soft else True,
+            cutmix=True if soft else None,
+            vectorize=vectorize,
+        ),
         num_eval=args.runs,
-        epochs=args.epochs,
-        lrs=grid,
-        eval_every=args.eval_every,
-        batch_size=256,
-        soft_label_mode="M" if soft else None,
         teacher=teacher if soft else None,
-        soft_loss="sce",
-        augmentation="cutmix" if soft else "dsa",
         metrics=["lrs", "ars"],
         full_epochs=args.full_epochs,
         full_lr=0.01,
@@ -313,7 +318,7 @@ def main() -> None:
         reports = {}
         for _ in range(args.repeats):
             for mode, vec in (("vectorized", True), ("sequential", False)):
-                ranking = DDRanking(**ranking_kwargs(args, soft, teacher), vectorize=vec)
+                ranking = DDRanking(**ranking_kwargs(args, soft, teacher, vectorize=vec))
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()

@@ -189,18 +189,23 @@ def write_folders(root: Path) -> tuple[Path, Path]:
 # our side
 # ---------------------------------------------------------------------------------------------
 def ours(dm, sets: dict, args, full_per_run: bool) -> tuple[float, object]:
+    from lightning_eff.distill import StudentProtocol
     from lightning_eff.models import ConvNet
     from lightning_eff.ranking import DDRanking
 
     ranking = DDRanking(
         net=ConvNet(3, 10, width=128, depth=3, image_size=8),
+        protocol=StudentProtocol(
+            epochs=args.epochs,
+            lr=list(LR_GRID),
+            eval_every=10,
+            batch_size=256,
+            use_soft_labels=False,
+            dsa=True,
+            cutmix=None,
+            vectorize=False,
+        ),
         num_eval=args.runs,
-        epochs=args.epochs,
-        lrs=list(LR_GRID),
-        eval_every=10,
-        batch_size=256,
-        soft_label_mode=None,
-        augmentation="dsa",
         metrics=["lrs"],
         full_epochs=args.epochs,
         full_lr=0.01,
@@ -208,7 +213,6 @@ def ours(dm, sets: dict, args, full_per_run: bool) -> tuple[float, object]:
         full_per_run=full_per_run,
         seed=0,
         device="cpu",
-        vectorize=False,
         use_cache=False,
         progress=False,
     )

@@ -32,9 +32,9 @@ TINY = [
     "drupi.model.init_args.plugins.init_args.inner_loop=1",
     # rank: one run, one lr, 2 epochs
     "rank.trainer.callbacks.init_args.evaluator.init_args.num_eval=1",
-    "rank.trainer.callbacks.init_args.evaluator.init_args.epochs=2",
-    "rank.trainer.callbacks.init_args.evaluator.init_args.eval_every=1",
-    "rank.trainer.callbacks.init_args.evaluator.init_args.lrs=[0.01]",
+    "rank.trainer.callbacks.init_args.evaluator.init_args.protocol.epochs=2",
+    "rank.trainer.callbacks.init_args.evaluator.init_args.protocol.eval_every=1",
+    "rank.trainer.callbacks.init_args.evaluator.init_args.protocol.lr=[0.01]",
     "rank.trainer.callbacks.init_args.evaluator.init_args.full_epochs=1",
     # student: 2 epochs
     "student.trainer.max_epochs=2",

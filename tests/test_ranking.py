@@ -12,11 +12,19 @@ import pytest
 import torch
 
 from lightning_eff.data import DigitsDataModule
-from lightning_eff.distill import DistributionMatching, SyntheticSet
+from lightning_eff.distill import DistributionMatching, StudentProtocol, SyntheticSet
 from lightning_eff.models import ConvNet, ImageClassifier
-from lightning_eff.ranking import DDRanking, DDRankingCallback, RankingReport, load_teacher, log_report
+from lightning_eff.ranking import (
+    DEFAULT_PROTOCOL,
+    DDRanking,
+    DDRankingCallback,
+    RankingReport,
+    load_teacher,
+    log_report,
+)
 from lightning_eff.ranking import functional as F
-from lightning_eff.ranking.evaluator import _Context, _seed_from
+from lightning_eff.ranking.plan import _Context
+from lightning_eff.utils.seeding import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,16 +40,17 @@ def tiny_net(size: int = 8, width: int = 8) -> ConvNet:
     return ConvNet(in_channels=1, num_classes=10, width=width, depth=1, image_size=size)
 
 
-def tiny(**kw) -> DDRanking:
-    """A tiny protocol: 2 runs, a 2-lr grid, 4 epochs, ARS with DSA."""
+#: The students of the tiny protocol: 4 epochs, a 2-lr grid, checkpoints every 2 epochs, DSA (no CutMix).
+TINY = DEFAULT_PROTOCOL.replace(epochs=4, lr=[0.01, 0.05], eval_every=2, dsa=True, cutmix=None)
+
+
+def tiny(student: dict | None = None, **kw) -> DDRanking:
+    """A tiny protocol: 2 runs, ARS, the students of TINY (``student``: changes of its fields)."""
     args = dict(
         net=tiny_net(),
+        protocol=TINY.replace(**(student or {})),
         num_eval=2,
-        epochs=4,
-        lrs=[0.01, 0.05],
-        eval_every=2,
         full_epochs=2,
-        augmentation="dsa",
         device="cpu",
         progress=False,
         use_cache=False,
@@ -77,11 +86,8 @@ def scores(report: RankingReport) -> dict:
 def test_random_real_set_scores_ior_near_zero_and_prototypes_above(dm8):
     ranking = DDRanking(
         net=tiny_net(),
+        protocol=DEFAULT_PROTOCOL.replace(epochs=20, lr=[0.01, 0.05], eval_every=6, cutmix=None),
         num_eval=3,
-        epochs=20,
-        lrs=[0.01, 0.05],
-        eval_every=6,
-        augmentation="none",
         metrics=["lrs"],
         full_epochs=10,
         device="cpu",
@@ -149,7 +155,7 @@ def test_shared_trainings_counts_and_cache_reuse(dm8, tmp_path):
 
 def test_cells_train_together_without_changing_any_result(dm8, monkeypatch):
     """All runs of all sets (and all random cells) go into few calls; a set's scores do not depend on the others."""
-    import lightning_eff.ranking.evaluator as ev
+    import lightning_eff.ranking.plan as ev  # where the trainings are called
 
     calls = []
     real = ev.evaluate_synthetic_sets
@@ -180,7 +186,7 @@ def test_full_data_per_run_and_augmented_as_the_package(dm8, monkeypatch):
     """full_per_run: one full-data student per run, run r's HLR uses its own Acc_full (ddranking's
     eval_full_data=True); the full data is augmented exactly when the package does (soft setting with
     augment_hard); the report's protocol lists the departures that apply."""
-    import lightning_eff.ranking.evaluator as ev
+    import lightning_eff.ranking.plan as ev  # where the trainings are called
 
     full_calls = []
     real = ev.evaluate_synthetic_sets
@@ -210,7 +216,7 @@ def test_full_data_per_run_and_augmented_as_the_package(dm8, monkeypatch):
     assert not any("full_per_run=True" in d for d in per_run.protocol["departures_from_ddranking_0.2.0"])
 
     teacher = tiny_net(width=16)
-    soft = dict(soft_label_mode="M", teacher=teacher, augmentation="dsa", metrics=["lrs"], num_eval=1)
+    soft = dict(student={"use_soft_labels": "M"}, teacher=teacher, metrics=["lrs"], num_eval=1)
     tiny(**soft).rank({"noise": s}, dm8)
     assert full_calls[-1]["dsa"] is None  # use_aug_for_hard off: not augmented (soft_label.py l. 312)
     rep = tiny(**soft, augment_hard=True).rank({"noise": s}, dm8)
@@ -219,7 +225,7 @@ def test_full_data_per_run_and_augmented_as_the_package(dm8, monkeypatch):
 
 
 def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatch):
-    import lightning_eff.ranking.evaluator as ev
+    import lightning_eff.ranking.plan as ev  # where the trainings are called
 
     real = ev.evaluate_synthetic_sets
 
@@ -239,6 +245,25 @@ def test_an_interrupted_ranking_resumes_from_the_cache(dm8, tmp_path, monkeypatc
     assert scores(resumed) == scores(tiny().rank({"noise": noise}, dm8))
 
 
+def test_cache_keys_and_seeds_are_pinned():
+    """The seeds and cache keys of a ranking do not drift (values of the code before issue 21 moved the cache
+    to ``ranking/cache.py`` and the seed derivation to ``utils.seeding``): cache files written earlier stay valid."""
+    from lightning_eff.ranking.cache import _hash_json, _hash_tensors
+    from lightning_eff.ranking.plan import _Job
+
+    assert derive_seed(0, "full") == 1578009703969749304
+    assert derive_seed(3, "rdm", 1, "abcd1234") == 4385324276967344414
+    assert derive_seed(0, "subset", 2) == 328116679223244492
+    desc = {"v": 1, "kind": "full", "epochs": 200, "lr": 0.01, "seed": derive_seed(0, "full")}
+    job = _Job("full", "full", 0, [0.01], lambda: None, {}, 1, 1.0, cache=desc)
+    assert job.cache_key == "full-5855dc2dbcba285c3ec15b48d0d3bd31"
+    assert (
+        _hash_tensors(torch.arange(6).view(2, 3), torch.tensor([0.5, -1.0]))
+        == "307681d6ffb6bc7d52fa3674fa352137"
+    )
+    assert _hash_json([3] * 10)[:8] == "f3e22bf1"
+
+
 def test_random_subsets_are_redrawn_per_run_with_the_sets_class_counts(dm8):
     ranking = tiny()
     ctx = _Context(ranking, dm8, tiny_net(), None, {}, torch.device("cpu"))
@@ -248,7 +273,7 @@ def test_random_subsets_are_redrawn_per_run_with_the_sets_class_counts(dm8):
     assert torch.bincount(r0.labels, minlength=10).tolist() == list(balanced)
     # the balanced draw is SyntheticSet.random_subset with the run's derived seed
     assert torch.equal(
-        r0.images, SyntheticSet.random_subset(dm8, 3, seed=_seed_from(ranking.seed, "subset", 0)).images
+        r0.images, SyntheticSet.random_subset(dm8, 3, seed=derive_seed(ranking.seed, "subset", 0)).images
     )
     uneven = (1, 2, 3, 1, 2, 3, 1, 2, 3, 4)
     r = ctx.random_subset(uneven, 0)
@@ -262,7 +287,7 @@ def test_soft_labels_mode_s_and_m(dm8):
         base.images, base.labels, soft_labels=torch.randn(len(base), 10), metadata=dict(base.metadata)
     )
     # mode S: the stored soft labels for the set, the teacher's logits for the random subsets
-    rs = tiny(soft_label_mode="S", teacher=teacher, augmentation="cutmix", num_eval=1)
+    rs = tiny({"use_soft_labels": "S", "dsa": None, "cutmix": True}, teacher=teacher, num_eval=1)
     rep = rs.rank({"soft": soft}, dm8)
     run = rep["soft"].runs[0]
     assert {"syn_hard_acc", "syn_acc", "rdm_acc", "syn_noaug_acc"} <= set(run)
@@ -273,7 +298,10 @@ def test_soft_labels_mode_s_and_m(dm8):
         assert torch.allclose(subset.soft_labels, teacher.eval()(subset.images))
     # mode M: the teacher labels the batches; no stored soft labels needed
     rm = tiny(
-        soft_label_mode="M", teacher=teacher, soft_loss="kl", temperature=2.0, num_eval=1, metrics=["lrs"]
+        {"use_soft_labels": "M", "soft_loss": "kl", "temperature": 2.0},
+        teacher=teacher,
+        num_eval=1,
+        metrics=["lrs"],
     )
     rep_m = rm.rank({"hard_set": base}, dm8)
     assert rep_m.protocol["soft_loss"] == "kl" and rep_m.protocol["temperature"] == 2.0
@@ -291,7 +319,7 @@ def test_privileged_information_is_used_for_the_synthetic_set(dm8):
         metadata={**base.metadata, "privileged": {"kind": "attention", "pooling": "avg", "weight": 50.0}},
     )
     with_priv = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9).rank({"p": priv}, dm8)
-    without = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9, privileged_weight=0.0).rank(
+    without = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9, student={"privileged_weight": 0.0}).rank(
         {"p": priv}, dm8
     )
     plain = tiny(num_eval=1, metrics=["lrs"], full_data_acc=0.9).rank({"p": base}, dm8)
@@ -327,7 +355,7 @@ def test_bad_sets_raise_clear_errors(dm8):
     with pytest.raises(ValueError, match="shape"):
         tiny().rank(SyntheticSet(torch.randn(10, 1, 16, 16), torch.arange(10)), dm8)
     with pytest.raises(ValueError, match="soft_labels"):
-        tiny(soft_label_mode="S", teacher=tiny_net()).rank(SyntheticSet.random_subset(dm8, 1), dm8)
+        tiny({"use_soft_labels": "S"}, teacher=tiny_net()).rank(SyntheticSet.random_subset(dm8, 1), dm8)
     with pytest.raises(ValueError, match="learned learning rate"):
         tiny(syn_lr="synset").rank(SyntheticSet.random_subset(dm8, 1), dm8)
     with pytest.raises(TypeError, match="ClassificationDataModule"):
@@ -335,7 +363,7 @@ def test_bad_sets_raise_clear_errors(dm8):
     with pytest.raises(TypeError, match="SyntheticSet"):
         tiny().rank({"x": torch.zeros(3)}, dm8)
     with pytest.raises(FileNotFoundError, match="teacher"):
-        tiny(soft_label_mode="M", teacher="/no/such/teacher.ckpt").rank(
+        tiny({"use_soft_labels": "M"}, teacher="/no/such/teacher.ckpt").rank(
             SyntheticSet.random_subset(dm8, 1), dm8
         )
 
@@ -343,32 +371,88 @@ def test_bad_sets_raise_clear_errors(dm8):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"soft_label_mode": "M"}, ValueError, "needs a `teacher`"),
-        ({"soft_label_mode": "S"}, ValueError, "needs a `teacher`"),
-        ({"teacher": torch.nn.Linear(2, 2)}, ValueError, "soft_label_mode=None"),
-        ({"soft_label_mode": "X"}, ValueError, "soft_label_mode"),
+        # the students' settings are checked by StudentProtocol (tests/test_student_protocol.py); here what
+        # DDRanking adds, and how the protocol must fit the ranking
+        ({"protocol": DEFAULT_PROTOCOL.replace(use_soft_labels="M")}, ValueError, "need a `teacher`"),
+        ({"protocol": DEFAULT_PROTOCOL.replace(use_soft_labels="S")}, ValueError, "need a `teacher`"),
+        ({"teacher": torch.nn.Linear(2, 2)}, ValueError, "hard labels"),
+        (
+            {"protocol": {"epochs": 3}},
+            TypeError,
+            "`protocol` must be a lightning_eff.distill.StudentProtocol",
+        ),
+        ({"protocol": DEFAULT_PROTOCOL.replace(lr="synset")}, ValueError, "syn_lr='synset'"),
+        ({"protocol": DEFAULT_PROTOCOL.replace(cutmix=None)}, ValueError, "augmentation-robust"),
         ({"num_eval": 0}, ValueError, "num_eval"),
-        ({"epochs": 2.5}, TypeError, "epochs"),
-        ({"lrs": []}, TypeError, "lrs"),
-        ({"lrs": [0.01, -1.0]}, ValueError, "lrs"),
         ({"syn_lr": "best"}, ValueError, "syn_lr"),
-        ({"augmentation": "mixup"}, ValueError, "augmentation"),
-        ({"augmentation": None}, ValueError, "augmentation-robust"),
+        ({"syn_lr": 0.0}, ValueError, "syn_lr"),
         ({"metrics": ["lrs", "xyz"]}, ValueError, "metrics"),
         ({"lrs_weight": 1.5}, ValueError, "lrs_weight"),
-        ({"soft_loss": "mse"}, ValueError, "soft_loss"),
-        ({"temperature": 0.0}, ValueError, "temperature"),
-        ({"momentum": 1.0}, ValueError, "momentum"),
         ({"full_data_acc": 85.0}, ValueError, "full_data_acc"),
-        ({"dsa": "flip"}, TypeError, "dsa"),
+        ({"full_epochs": 0}, ValueError, "full_epochs"),
+        ({"seed": 1.5}, TypeError, "seed"),
         ({"net": "ConvNet"}, TypeError, "net"),
-        ({"vectorize": "yes"}, ValueError, "vectorize"),
         ({"ipc": 0}, ValueError, "ipc"),
+        ({"epochz": 3}, TypeError, "epochz"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         DDRanking(**kwargs)
+
+
+def test_the_protocol_is_type_checked_from_yaml():
+    """LightningCLI's parser builds the StudentProtocol from YAML, the fields not given keep DEFAULT_PROTOCOL's,
+    and a wrong type is rejected naming the field (the real CLI is run with protocol overrides below)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DDRanking, "ranking")
+    cfg = parser.parse_args(["--ranking.protocol", "{epochs: 5, lr: [0.1, 0.2], dsa: true, cutmix: null}"])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    ranking = instantiate(cfg).ranking
+    assert ranking.student_protocol == DEFAULT_PROTOCOL.replace(
+        epochs=5, lr=(0.1, 0.2), dsa=True, cutmix=None
+    )
+    assert ranking.student_protocol.eval_every == 20 and ranking.augmentation == "dsa"
+    with pytest.raises(Exception, match="epochs"):
+        parser.parse_args(["--ranking.protocol.epochs=many"])
+
+
+def test_flat_student_arguments_of_earlier_versions_map_onto_the_protocol_with_a_warning():
+    from lightning_eff.distill import DSA
+
+    with pytest.warns(FutureWarning, match="protocol=StudentProtocol"):
+        old = DDRanking(epochs=4, lrs=[0.01, 0.05], eval_every=2, augmentation="dsa", momentum=0.5)
+    assert old.student_protocol == TINY.replace(momentum=0.5) and old.augmentation == "dsa"
+    with pytest.warns(FutureWarning):
+        both = DDRanking(augmentation="dsa+cutmix", dsa=DSA(strategy="flip"), soft_label_mode=None)
+    assert both.student_protocol == DEFAULT_PROTOCOL.replace(dsa="flip") and both.augmentation == "dsa+cutmix"
+    with pytest.warns(FutureWarning):
+        soft = DDRanking(soft_label_mode="M", soft_loss="kl", teacher=tiny_net(), metrics=["lrs"])
+    assert soft.student_protocol == DEFAULT_PROTOCOL.replace(use_soft_labels="M", soft_loss="kl")
+    # still validated, naming the argument
+    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="epochs"):
+        DDRanking(epochs=2.5)
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="augmentation"):
+        DDRanking(augmentation="mixup")
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="lr"):
+        DDRanking(lrs=[0.01, -1.0])
+
+
+def test_the_default_protocol_is_the_papers():
+    p = DDRanking().student_protocol
+    assert p is DEFAULT_PROTOCOL and isinstance(p, StudentProtocol)
+    assert (p.epochs, p.lr, p.momentum, p.weight_decay, p.batch_size, p.eval_every) == (
+        300,
+        (0.001, 0.005, 0.01, 0.05, 0.1),
+        0.9,
+        5e-4,
+        256,
+        20,
+    )
+    assert p.dsa is None and p.cutmix == {"beta": 1.0, "prob": 1.0} and p.soft_label_mode is None
+    assert DDRanking(protocol=DEFAULT_PROTOCOL.replace(lr=0.05)).lrs == [0.05]  # a float: a grid of one
 
 
 def test_callback_bad_arguments():
@@ -407,7 +491,7 @@ def test_teacher_from_a_lightning_checkpoint_and_a_state_dict(dm8, tmp_path):
     assert torch.equal(from_sd.classifier.weight, model.net.classifier.weight)
     # a path works as `teacher` of the evaluator (mode M)
     rep = tiny(
-        soft_label_mode="M",
+        {"use_soft_labels": "M"},
         teacher=str(tmp_path / "teacher.ckpt"),
         num_eval=1,
         metrics=["lrs"],
@@ -534,9 +618,9 @@ def test_end_to_end_fit_through_the_real_cli_with_the_ranking_config(tmp_path, m
             f"{ev}net.init_args.width=8",
             f"{ev}net.init_args.depth=2",
             f"{ev}num_eval=1",
-            f"{ev}epochs=2",
-            f"{ev}eval_every=1",
-            f"{ev}lrs=[0.01]",
+            f"{ev}protocol.epochs=2",
+            f"{ev}protocol.eval_every=1",
+            f"{ev}protocol.lr=[0.01]",
             f"{ev}full_epochs=1",
             f"{ev}cache_dir={tmp_path / 'cache'}",
             f"{ev}progress=false",
@@ -560,9 +644,9 @@ def _rank_args(tmp_path, *extra: str) -> list[str]:
         f"{ev}net.init_args.width=8",
         f"{ev}net.init_args.depth=2",
         f"{ev}num_eval=1",
-        f"{ev}epochs=2",
-        f"{ev}eval_every=1",
-        f"{ev}lrs=[0.01,0.05]",
+        f"{ev}protocol.epochs=2",
+        f"{ev}protocol.eval_every=1",
+        f"{ev}protocol.lr=[0.01,0.05]",
         f"{ev}full_epochs=1",
         f"{ev}cache_dir={tmp_path / 'cache'}",
         f"{ev}progress=false",

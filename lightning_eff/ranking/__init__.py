@@ -2,14 +2,15 @@
 
 * :mod:`lightning_eff.ranking.functional`: the scores as plain functions (HLR, IOR, LRS, ARS);
 * :class:`LabelRobustScore`, :class:`AugmentationRobustScore`: the same as ``torchmetrics`` metrics;
-* :class:`DDRanking`: the evaluator (the protocol over one or more ``SyntheticSet``\\ s);
+* :class:`DDRanking`: the evaluator (the protocol over one or more ``SyntheticSet``\\ s; the students' settings
+  are a :class:`~lightning_eff.distill.StudentProtocol`, :data:`DEFAULT_PROTOCOL` the paper's);
 * :class:`DDRankingCallback`: ranks the synthetic set at the end of a distillation fit;
 * ``lightning-eff rank`` / ``python -m lightning_eff.ranking``: the command line (:mod:`.cli`).
 """
 
 from lightning_eff.ranking import functional
 from lightning_eff.ranking.callback import DDRankingCallback
-from lightning_eff.ranking.evaluator import DEFAULT_LR_GRID, DDRanking, load_teacher
+from lightning_eff.ranking.evaluator import DEFAULT_LR_GRID, DEFAULT_PROTOCOL, DDRanking, load_teacher
 from lightning_eff.ranking.functional import (
     augmentation_robust_score,
     hard_label_recovery,
@@ -32,6 +33,7 @@ __all__ = [
     "DDRanking",
     "DDRankingCallback",
     "DEFAULT_LR_GRID",
+    "DEFAULT_PROTOCOL",
     "load_teacher",
     "RankingReport",
     "RankingResult",

@@ -34,9 +34,10 @@ class DDRankingCallback(Callback):
 
     Example::
 
-        >>> cb = DDRankingCallback(DDRanking(num_eval=2, epochs=50, progress=False))
-        >>> cb.evaluator.num_eval, cb.report is None
-        (2, True)
+        >>> from lightning_eff.ranking.evaluator import DEFAULT_PROTOCOL
+        >>> cb = DDRankingCallback(DDRanking(protocol=DEFAULT_PROTOCOL.replace(epochs=50), num_eval=2, progress=False))
+        >>> cb.evaluator.num_eval, cb.evaluator.student_protocol.epochs, cb.report is None
+        (2, 50, True)
     """
 
     def __init__(

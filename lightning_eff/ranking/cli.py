@@ -13,14 +13,17 @@ configs/ranking/digits.yaml``):
 
 * ``data``: the DataModule the sets were made from (``class_path`` / ``init_args``);
 * ``trainer.callbacks``: a :class:`~lightning_eff.ranking.DDRankingCallback` whose ``evaluator`` is the
-  protocol (:class:`~lightning_eff.ranking.DDRanking` arguments; without one the paper's defaults);
+  protocol (:class:`~lightning_eff.ranking.DDRanking` arguments, the students' settings under ``protocol``;
+  without one the paper's defaults);
 * ``trainer.logger``: where the table and scores go (``WandbLogger`` for a W&B table), ``trainer.accelerator``
   / ``devices``: where the students train; ``trainer.default_root_dir``: where the results go (unless
   ``--output_dir`` or the callback's ``output_dir`` says otherwise: ``<default_root_dir>/ranking``);
 * ``model``, ``optimizer``, ``seed_everything`` ... of a fit config are accepted and ignored.
 
 Override a protocol setting with jsonargparse's path to the (last) callback, e.g.
-``--trainer.callbacks.init_args.evaluator.init_args.num_eval 3``. Writes ``ranking.json``, ``ranking.csv``
+``--trainer.callbacks.init_args.evaluator.init_args.num_eval 3``, and a student setting through the
+:class:`~lightning_eff.distill.StudentProtocol`, type-checked by the parser:
+``--trainer.callbacks.init_args.evaluator.init_args.protocol.epochs 50``. Writes ``ranking.json``, ``ranking.csv``
 and ``ranking_runs.csv`` and prints the table. Exit status 0 on success, 1 on a bad input (with a message).
 """
 

@@ -33,6 +33,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from lightning_eff.utils.checks import check_float
+
 __all__ = [
     "hard_label_recovery",
     "improvement_over_random",
@@ -71,17 +73,6 @@ def _check(name: str, value: Number, bound: float, fn: str, kind: str, percent: 
             f"{fn}: `{name}` must be a {unit[:-1]} in [{low:g}, {bound:g}]{hint}, got {value!r}."
         )
     return value
-
-
-def _check_weight(fn: str, name: str, weight: float) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, Real):
-        raise TypeError(
-            f"{fn}: `{name}` must be a float in [0, 1], got {weight!r} ({type(weight).__name__})."
-        )
-    weight = float(weight)
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"{fn}: `{name}` must be a float in [0, 1], got {weight!r}.")
-    return weight
 
 
 def _exp(x: Number) -> Number:
@@ -162,7 +153,7 @@ def label_robust_score(hlr: Number, ior: Number, weight: float = 0.5, *, percent
     """
     fn = "label_robust_score"
     bound = 100.0 if percent else 1.0
-    w = _check_weight(fn, "weight", weight)
+    w = check_float(weight, "weight", low=0.0, high=1.0, owner=fn)
     hlr = _check("hlr", hlr, bound, fn, "difference", percent)
     ior = _check("ior", ior, bound, fn, "difference", percent)
     return normalized_score(w * ior - (1.0 - w) * hlr)
@@ -196,7 +187,7 @@ def augmentation_robust_score(
     """
     fn = "augmentation_robust_score"
     bound = 100.0 if percent else 1.0
-    g = _check_weight(fn, "weight", weight)
+    g = check_float(weight, "weight", low=0.0, high=1.0, owner=fn)
     sa = _check("acc_syn_aug", acc_syn_aug, bound, fn, "accuracy", percent)
     ra = _check("acc_rdm_aug", acc_rdm_aug, bound, fn, "accuracy", percent)
     sn = _check("acc_syn_noaug", acc_syn_noaug, bound, fn, "accuracy", percent)

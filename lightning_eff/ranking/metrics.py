@@ -17,6 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_eff.ranking import functional as F
+from lightning_eff.utils.checks import check_float
 
 __all__ = ["LabelRobustScore", "AugmentationRobustScore"]
 
@@ -43,7 +44,7 @@ class _RunScores(Metric):
 
     def __init__(self, weight: float = 0.5, percent: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.weight = F._check_weight(type(self).__name__, "weight", weight)
+        self.weight = check_float(weight, "weight", low=0.0, high=1.0, owner=type(self).__name__)
         if not isinstance(percent, bool):
             raise TypeError(f"{type(self).__name__}: `percent` must be a bool, got {percent!r}.")
         self.percent = percent
