@@ -24,15 +24,7 @@ resolution loses almost nothing, which is why the packed start is already close 
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/ holds scripts named like standard modules (select.py): when this file runs as a script,
-# its folder comes first on sys.path and would shadow them.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402 (after the sys.path guard)
+import argparse
 import json
 import statistics
 import time

@@ -28,18 +28,11 @@ settings, numbers and time; ``<out>/gallery.md`` shows the pictures with their c
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/ holds scripts named like standard modules: when this file runs as a script, its folder comes first
-# on sys.path and would shadow them.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402 (after the sys.path guard)
+import argparse
 import functools
 import io
 import json
+import os
 import platform
 import tempfile
 import time

@@ -39,21 +39,15 @@ minus the allocation at the reset.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/ holds scripts named like standard modules (select.py): when this file runs as a script,
-# its folder comes first on sys.path and would shadow them.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402 (after the sys.path guard)
+import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from functools import partial

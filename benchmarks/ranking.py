@@ -21,24 +21,17 @@ distillation core checks vectorised == sequential to 2e-5); the largest differen
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
-# `python benchmarks/ranking.py` puts benchmarks/ first on sys.path, where select.py shadows the standard
-# library's `select` (which torch imports through subprocess): drop it.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 METHODS = ("random_real", "dm", "gm", "mtt", "ncfm")
 

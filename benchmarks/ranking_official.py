@@ -47,11 +47,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# `python benchmarks/ranking_official.py` puts benchmarks/ first on sys.path, where select.py shadows the
-# standard library's `select` (which torch imports through subprocess): drop it.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the package's normalisation of ImageNet-layout folders (data.py l. 132-133)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENETTE = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)  # ddranking/utils/data.py l. 15

@@ -22,14 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 EVAL_SEED_OFFSET = 2**31
 VAL_SEED_OFFSET = 2**31 + 100_000

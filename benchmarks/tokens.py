@@ -25,20 +25,12 @@
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
-from pathlib import Path
+import time
 
-# `python benchmarks/tokens.py` puts benchmarks/ first on sys.path, where benchmarks/select.py would shadow the
-# standard library's `select` module (imported by subprocess, hence by torch): use the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 PRESETS = {
     # ~0.24B parameters; 16 layers so that the layers after K=2 dominate as in a 7B model
