@@ -39,9 +39,9 @@ report of an earlier run without its first ``--skip-images`` images; ``--only-vi
 
 Usage::
 
-    python benchmarks/explain.py --quick                 # smoke run, < 1 min on CPU
-    python benchmarks/explain.py                         # full run (CPU: slow; about 5 min on one GPU)
-    python benchmarks/explain.py --device cuda           # GPU, includes the ViT-B/16 scale check
+    python -m benchmarks.explain --quick                 # smoke run, < 1 min on CPU
+    python -m benchmarks.explain                         # full run (CPU: slow; about 5 min on one GPU)
+    python -m benchmarks.explain --device cuda           # GPU, includes the ViT-B/16 scale check
 
 Raw numbers go to ``--out`` (JSON, default ``outputs/benchmarks/explain.json``); heatmaps of the explainer's
 validation epochs go next to it.

@@ -23,9 +23,9 @@ Protocol, printed with the result:
 
 Usage::
 
-    python benchmarks/explain.py --stop-after surrogate          # classifier.ckpt, surrogate.ckpt
-    python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 8 --epochs 45 --lr 2e-3
-    python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 32 --epochs 15 --lr 1e-3
+    python -m benchmarks.explain --stop-after surrogate          # classifier.ckpt, surrogate.ckpt
+    python -m benchmarks.explain_tuning --side-ratio 1 --mask-samples 8 --epochs 45 --lr 2e-3
+    python -m benchmarks.explain_tuning --side-ratio 1 --mask-samples 32 --epochs 15 --lr 1e-3
 
 With 32 images the median moves by about 0.01 between seeds: use it to rank settings, and
 ``benchmarks/explain.py`` (100 test images) for the figures.

@@ -1,8 +1,8 @@
 """GPU suite: every GPU figure the README quotes or promises, in one command, in at most 8 minutes on one GPU.
 
-    python benchmarks/gpu_suite.py                          # CUDA machine: all jobs -> benchmarks/results/gpu/
-    python benchmarks/gpu_suite.py --jobs dart_7b autognothi_vit_b
-    python benchmarks/gpu_suite.py --tiny --device cpu --out-dir /tmp/gpu_suite   # wiring check, CPU, tiny sizes
+    python -m benchmarks.gpu_suite                          # CUDA machine: all jobs -> benchmarks/results/gpu/
+    python -m benchmarks.gpu_suite --jobs dart_7b autognothi_vit_b
+    python -m benchmarks.gpu_suite --tiny --device cpu --out-dir /tmp/gpu_suite   # wiring check, CPU, tiny sizes
 
 Each job of :data:`JOBS` runs one benchmark script (or, for NCFM at CIFAR size, this file's own worker) as a
 subprocess in its own process group, under a time cap (``cap_s``, cut further so the whole suite stays within

@@ -21,9 +21,9 @@ Plain PyTorch loops (no Trainer), so that the numbers measure the optimizer and 
 
 Usage::
 
-    python benchmarks/ko.py                      # full run (about 6 min on 2 CPU cores)
-    python benchmarks/ko.py --quick              # smoke run (< 1 min)
-    python benchmarks/ko.py --seeds 5 --out outputs/benchmarks/ko_5seeds.json
+    python -m benchmarks.ko                      # full run (about 6 min on 2 CPU cores)
+    python -m benchmarks.ko --quick              # smoke run (< 1 min)
+    python -m benchmarks.ko --seeds 5 --out outputs/benchmarks/ko_5seeds.json
 
 It prints the protocol, per-run progress, and a markdown summary; all raw numbers go to ``--out``.
 """
@@ -493,7 +493,7 @@ def summary_markdown(
     c, a = cfg["condensation"], cfg["accuracy"]
     lines = [
         f"**KO benchmark** (torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} CPU cores; "
-        f"`python benchmarks/ko.py{' --quick' if cfg['quick'] else ''}`). Mean ± std (ddof=1) over seeds.",
+        f"`python -m benchmarks.ko{' --quick' if cfg['quick'] else ''}`). Mean ± std (ddof=1) over seeds.",
         "",
         f"*Condensation*: 2-layer tanh net, 1 -> {c['hidden']} -> 1, init N(0, {c['init_std']:g}²), "
         f"y = sin(3x) + noise on {c['n_points']} points, {c['steps']} full-batch steps, {c['seeds']} seeds; "

@@ -1,10 +1,10 @@
 """NCFM on the bundled digits: accuracy against its packed-real start, random real (equal storage and count) and DM,
 on the distillation ConvNet and on two other students; cost against trajectory matching.
 
-    python benchmarks/ncfm.py                   # full run (CPU: tens of minutes on 2 idle cores)
-    python benchmarks/ncfm.py --quick           # smoke run (< 1 min of distillation, tiny evaluation)
-    python benchmarks/ncfm.py --device cuda     # the same on a GPU (memory: torch.cuda peak allocation)
-    python benchmarks/ncfm.py --skip accuracy   # only the cost section (or --skip cost)
+    python -m benchmarks.ncfm                   # full run (CPU: tens of minutes on 2 idle cores)
+    python -m benchmarks.ncfm --quick           # smoke run (< 1 min of distillation, tiny evaluation)
+    python -m benchmarks.ncfm --device cuda     # the same on a GPU (memory: torch.cuda peak allocation)
+    python -m benchmarks.ncfm --skip accuracy   # only the cost section (or --skip cost)
 
 Accuracy (per IPC, 1 and 10 by default): every set below is evaluated with the same protocol (fresh
 students trained on the set, tested on the real test split; mean +- std over the students):
@@ -54,6 +54,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
+from benchmarks import harness
 
 DATA = dict(image_size=16, channels=1)
 
@@ -143,24 +145,12 @@ def build(method: str, ipc: int, args, feature_path: str | None):
 
 
 def _trainer(max_steps: int, device: str, callbacks=(), root: str | None = None):
-    import lightning as L
-
-    return L.Trainer(
-        max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-        callbacks=list(callbacks), default_root_dir=root or tempfile.mkdtemp(),
+    return harness.quiet_trainer(
+        device, max_steps=max_steps, callbacks=list(callbacks), default_root_dir=root or tempfile.mkdtemp()
     )
 
 
 # ------------------------------------------------------------------------------------------------ cost (child)
-def _rss_mb(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def cost_child(method: str, ipc: int, iters: int, warmup: int, out: str, args) -> None:
     """One alternative in a fresh process: median s/iter and the peak memory of the timed iterations."""
     import lightning as L
@@ -186,7 +176,7 @@ def cost_child(method: str, ipc: int, iters: int, warmup: int, out: str, args) -
                     except OSError:
                         pass
                     Path("/proc/self/clear_refs").write_text("5")
-                    state["base"] = _rss_mb()
+                    state["base"] = harness.rss_mb()
             if cuda:
                 torch.cuda.synchronize()
             self._t = time.perf_counter()
@@ -205,11 +195,11 @@ def cost_child(method: str, ipc: int, iters: int, warmup: int, out: str, args) -
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20 - state["base"]
     else:
-        peak = _rss_mb("VmHWM") - state["base"]
-    Path(out).write_text(json.dumps({
+        peak = harness.rss_mb("VmHWM") - state["base"]
+    harness.write_json(out, {
         "method": method, "ipc": ipc, "s_per_iter": statistics.median(times), "peak_mb": peak,
         "wall_s": time.perf_counter() - t0,
-    }))
+    }, indent=None)
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
@@ -218,11 +208,8 @@ SET_ORDER = ("random real (equal storage)", "random real (equal count)", "packed
 
 
 def _save(args, protocol, pretrain_s, rows, cost_rows, partial: bool) -> None:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"protocol": protocol, "pretrain_s": pretrain_s, "partial": partial,
-                               "accuracy": rows, "cost": cost_rows}, indent=2))
-    os.replace(tmp, args.out)
+    harness.write_json(args.out, {"protocol": protocol, "pretrain_s": pretrain_s, "partial": partial,
+                                  "accuracy": rows, "cost": cost_rows}, indent=2)
 
 
 def choose_lrs(args, dm, ipc: int) -> dict[str, dict]:
@@ -458,6 +445,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'cuda ' + torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, load average "
         f"{os.getloadavg()[0]:.1f} at start",
+        "environment": harness.environment(args.device),
     }
     print("Protocol")
     for k, v in protocol.items():

@@ -1,9 +1,9 @@
 """DD-Ranking: ``lightning_eff.ranking.DDRanking`` side by side with the official ``ddranking`` 0.2.0 package,
 both run on the same local-folder digits, timed in the same run (interleaved, medians).
 
-    python benchmarks/ranking_official.py                       # CPU, about 10 min on 2 loaded cores
-    python benchmarks/ranking_official.py --quick               # smoke run
-    python benchmarks/ranking_official.py --ddranking-python /work/ddr-venv/bin/python
+    python -m benchmarks.ranking_official                       # CPU, about 10 min on 2 loaded cores
+    python -m benchmarks.ranking_official --quick               # smoke run
+    python -m benchmarks.ranking_official --ddranking-python /work/ddr-venv/bin/python
 
 ``ddranking`` 0.2.0 pins ``numpy<2``, so it lives in its own environment (``--ddranking-python``; see
 docs/methods/ddranking.md) and runs in a subprocess of this script (``--official-worker``).
@@ -314,12 +314,14 @@ def write_json(args, times: dict, official_runs: list, reports: dict) -> None:
     """All raw numbers so far (written after every round, so an interrupted run keeps its rounds)."""
     import torch
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from benchmarks import (
+        harness,  # not at the top: the ddranking worker runs this file in its own environment
+    )
+
     n_official = args.sets * args.runs * (2 * len(LR_GRID) + 1)
-    out.write_text(
-        json.dumps(
-            {
+    harness.write_json(
+        args.out,
+        {
                 "args": vars(args),
                 "rounds_done": len(official_runs),
                 "seconds": times,
@@ -330,10 +332,10 @@ def write_json(args, times: dict, official_runs: list, reports: dict) -> None:
                 "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "load_average_at_end": os.getloadavg(),
-            },
-            indent=1,
-            default=str,
-        )
+                "environment": harness.environment(),
+        },
+        indent=1,
+        default=str,
     )
 
 
