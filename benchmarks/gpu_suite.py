@@ -552,7 +552,7 @@ def ncfm_cifar_worker(argv: list[str]) -> int:
             "wall_s": time.perf_counter() - t0,
         }
         if cuda:
-            row["peak_mb"] = (torch.cuda.max_memory_allocated() - probe.base) / 2**20
+            row["peak_mb"] = harness.cuda_peak_mb(since=probe.base)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del module

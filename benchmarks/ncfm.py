@@ -193,7 +193,7 @@ def cost_child(method: str, ipc: int, iters: int, warmup: int, out: str, args) -
     t0 = time.perf_counter()
     _trainer(warmup + iters, args.device, [Probe()]).fit(module, datamodule=dm)
     if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20 - state["base"]
+        peak = harness.cuda_peak_mb() - state["base"]
     else:
         peak = harness.rss_mb("VmHWM") - state["base"]
     harness.write_json(out, {
