@@ -434,6 +434,8 @@ def test_distill_configs_fit_through_the_cli(path, tmp_path, monkeypatch):
         overrides += ["--model.init_args.inner_loop=2"]
     if "batch_real" in text and "StaticSet" not in text:
         overrides += ["--model.init_args.batch_real=16"]
+    if "distill.SDC" in text:  # SDC trains its networks on the real data first (2 x 20 epochs in the config)
+        overrides += ["--model.init_args.plugins.init_args.train_epochs=1"]
     if "ncfm.NCFM" in text:
         overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain_epochs=1",
                       "--model.init_args.num_freqs=64"]
