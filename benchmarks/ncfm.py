@@ -57,6 +57,7 @@ import torch
 
 from benchmarks import harness
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(image_size=16, channels=1)
 
 
@@ -482,11 +483,11 @@ def main() -> None:
         for r in range(args.rounds):
             for m in methods:
                 out = os.path.join(tmp, f"cost_{m}_{r}.json")
-                cmd = [sys.executable, __file__, "--child", m, "10", str(args.cost_iters), "1", out,
+                cmd = [sys.executable, "-m", "benchmarks.ncfm", "--child", m, "10", str(args.cost_iters), "1", out,
                        "--device", args.device, "--width", str(args.width), "--batch-real", str(args.batch_real),
                        "--num-freqs", str(args.num_freqs), "--feature-nets", str(args.feature_nets),
                        "--threads", str(args.threads), "--feature-path", feature_path]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
                 runs[m].append(json.loads(Path(out).read_text()))
                 print(f"cost round {r + 1} {m:9s} {runs[m][-1]['s_per_iter']:.3f} s/iter, "
                       f"peak {runs[m][-1]['peak_mb']:.1f} MB", flush=True)
