@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/demo_ncfm.py
+	$(BIN)/python -m benchmarks.demo_ncfm
 
 demo-ko: $(STAMP)
 	$(BIN)/lightning-eff fit --config configs/ko/digits.yaml
@@ -55,7 +55,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/ko.py
+	$(BIN)/python -m benchmarks.ko
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) outputs lightning_logs .pytest_cache

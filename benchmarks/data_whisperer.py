@@ -30,22 +30,13 @@ Settings were fixed before looking at test numbers; ``--choose-epochs`` picks th
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
-
-# This file is named like the standard library's `select` module's package; keep the script folder off sys.path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import platform
+import statistics
+import time
+from pathlib import Path
 
 SIZES = {
     "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},

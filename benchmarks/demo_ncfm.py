@@ -1,7 +1,7 @@
 """Quick-start demo: a real NCFM distillation of the bundled digits at IPC 10, beside its own starting point and random real.
 
-    python benchmarks/demo_ncfm.py                         # a few minutes on 2 idle CPU cores
-    python benchmarks/demo_ncfm.py --out outputs/demo_ncfm --iters 100 --device cuda
+    python -m benchmarks.demo_ncfm                         # a few minutes on 2 idle CPU cores
+    python -m benchmarks.demo_ncfm --out outputs/demo_ncfm --iters 100 --device cuda
 
 Steps (all real, nothing cached from earlier runs unless --out already holds feature networks):
 
@@ -24,22 +24,15 @@ resolution loses almost nothing, which is why the packed start is already close 
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/ holds scripts named like standard modules (select.py): when this file runs as a script,
-# its folder comes first on sys.path and would shadow them.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402 (after the sys.path guard)
-import json
+import argparse
 import statistics
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+
+from benchmarks import harness
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.pretrain_epochs} epochs, batch_real 64, 512 frequencies, AdamW lr 0.03",
         "evaluation": f"{args.students} ConvNet-3 width 32 students, SGD lr 0.01 m 0.9 wd 5e-4, {args.eval_epochs} "
         "epochs, DSA; random real: a new subset per student",
-        "device": args.device, "seed": args.seed,
+        "device": args.device, "seed": args.seed, "environment": harness.environment(args.device),
     }, "rows": []}
     for name, stored, count, accs in rows:
         mean, std = statistics.mean(accs), statistics.pstdev(accs)
@@ -132,9 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "mean": mean, "std": std})
     result["seconds"] = time.perf_counter() - start
     print(f"total {result['seconds']:.0f} s")
-    json_path = Path(args.json) if args.json else out / "demo_ncfm.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2))
+    json_path = harness.write_json(Path(args.json) if args.json else out / "demo_ncfm.json", result, indent=2)
     print(f"raw results: {json_path}")
     # kept for callers of the earlier return value
     result.update(ncfm=ncfm.accuracies, random_real=random_accs, packed_real=packed_res.accuracies,

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,17 +29,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import harness
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(image_size=16, channels=1)
 NET = dict(in_channels=1, num_classes=10, width=64, depth=3, image_size=16)
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _build(method: str, ipc: int, quick: bool):
@@ -86,26 +79,22 @@ def run_one(method: str, ipc: int, iterations: int, out: str, quick: bool, threa
 
     dm = DigitsDataModule(**DATA, batch_size=256)
     module = _build(method, ipc, quick)
-    trainer = L.Trainer(
-        max_steps=iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="auto", devices=1, callbacks=[Timer()],
-        default_root_dir=tempfile.mkdtemp(),
+    trainer = harness.quiet_trainer(
+        "auto", max_steps=iterations, callbacks=[Timer()], default_root_dir=tempfile.mkdtemp()
     )
-    rss_before = _rss_mb()
+    rss_before = harness.rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    )
+    peak = harness.cuda_peak_mb() if cuda else harness.peak_rss_mb() - rss_before
     module.synthetic_set().save(out + ".pt")
-    Path(out + ".json").write_text(json.dumps({
+    harness.write_json(out + ".json", {
         "method": method, "ipc": ipc, "iterations": iterations, "wall_s": wall,
         "s_per_iter_median": statistics.median(times[1:] or times), "peak_mem_mb": peak,
         "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS above RSS before fit",
-    }))
+    }, indent=None)
 
 
 def main() -> None:
@@ -148,6 +137,7 @@ def main() -> None:
         f"on the 359 test images; random real: a new subset per student seed",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+        "environment": harness.environment("cuda" if torch.cuda.is_available() else "cpu"),
     }
     print("Protocol")
     for k, v in protocol.items():
@@ -163,8 +153,7 @@ def main() -> None:
         print(f"resuming: {len(rows)} rows from {args.out}", flush=True)
 
     def save(partial: bool) -> None:  # after every row: a run cut short keeps what it measured
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"protocol": protocol, "partial": partial, "rows": rows}, indent=2))
+        harness.write_json(args.out, {"protocol": protocol, "partial": partial, "rows": rows}, indent=2)
 
     def have(method: str, ipc: int) -> bool:
         return any(r["method"] == method and r["ipc"] == ipc for r in rows)

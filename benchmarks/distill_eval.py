@@ -27,14 +27,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import harness
 from lightning_eff.data import DigitsDataModule
 from lightning_eff.distill.augment import DSA
 from lightning_eff.distill.evaluate import evaluate_synthetic
@@ -96,10 +94,9 @@ def main() -> None:
         args.epochs = 3 if args.quick else (300 if args.device != "cpu" else 10)
     if args.quick:
         args.repeats = 1
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    env = harness.environment(args.device)
     print("# evaluate_synthetic: students trained together (vmap, stacked) vs one after the other (loop)")
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}, device {args.device}{f' ({gpu})' if gpu else ''}")
+    print(harness.environment_line(env))
     print(f"protocol: epochs {args.epochs}, batch 256, SGD momentum 0.9 wd 5e-4, lr x0.1 at half, "
           f"DSA {'off' if args.no_dsa else 'on (per-sample)'}, default ConvNet width 128; a 2-epoch warm-up of each "
           f"mode, then {args.repeats} interleaved timed runs ({', '.join(modes)}, ...), medians")
@@ -131,9 +128,7 @@ def main() -> None:
     print(f"| setting | {header} |")
     print("| --- |" + " --- |" * (2 * len(modes)))
     print("\n".join(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": raw}, indent=1))
+    harness.write_json(args.out, {"args": vars(args), "environment": env, "results": raw}, indent=1)
 
 
 if __name__ == "__main__":

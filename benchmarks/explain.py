@@ -39,9 +39,9 @@ report of an earlier run without its first ``--skip-images`` images; ``--only-vi
 
 Usage::
 
-    python benchmarks/explain.py --quick                 # smoke run, < 1 min on CPU
-    python benchmarks/explain.py                         # full run (CPU: slow; about 5 min on one GPU)
-    python benchmarks/explain.py --device cuda           # GPU, includes the ViT-B/16 scale check
+    python -m benchmarks.explain --quick                 # smoke run, < 1 min on CPU
+    python -m benchmarks.explain                         # full run (CPU: slow; about 5 min on one GPU)
+    python -m benchmarks.explain --device cuda           # GPU, includes the ViT-B/16 scale check
 
 Raw numbers go to ``--out`` (JSON, default ``outputs/benchmarks/explain.json``); heatmaps of the explainer's
 validation epochs go next to it.
@@ -49,21 +49,15 @@ validation epochs go next to it.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python benchmarks/explain.py` puts benchmarks/ first on sys.path, where a sibling script named like a
-# standard-library module (e.g. select.py) would shadow it: drop that entry before importing anything else.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import copy
 import functools
 import hashlib
 import json
+import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -73,6 +67,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmarks import harness
+from benchmarks.harness import sync, timed, timed_round  # noqa: F401 (this module's helpers, used by explain_tuning)
 from lightning_eff.data import DigitsDataModule
 from lightning_eff.explain import (
     AutoGnothi,
@@ -103,32 +99,6 @@ VIT = {
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> tuple[float, Any]:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
-def timed_round(runs: dict, device: torch.device, rotation: int, times: dict, per: int = 1) -> dict:
-    """One interleaved round: every callable of ``runs`` once, the order rotated by ``rotation`` so that load
-    from other jobs hits all alike. Appends each call's seconds / ``per`` to ``times[name]``; returns the outputs.
-    """
-    names = list(runs)
-    start = rotation % len(names)
-    outputs = {}
-    for name in names[start:] + names[:start]:
-        dt, outputs[name] = timed(runs[name], device)
-        times.setdefault(name, []).append(dt / per)
-    return outputs
-
-
 def batched_runs(model: AutoGnothi, x_all: Tensor, budgets, device: torch.device) -> dict:
     """AutoGnothi on all images in one batch, and KernelSHAP at each budget with all images' evaluations in one pass."""
     runs = {"autognothi": lambda: model(x_all).phi}
@@ -142,27 +112,14 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+med = harness.median  # nan for no values
 
 
 def trainer(args, epochs: int, root: str, **kw):
-    import lightning as L
-
     if args.quick:
         kw.setdefault("limit_train_batches", 3)
         kw.setdefault("limit_val_batches", 2)
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator=args.accelerator,
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        **kw,
-    )
+    return harness.quiet_trainer(args.accelerator, max_epochs=epochs, default_root_dir=root, **kw)
 
 
 def cosine(epochs: int):
@@ -1021,7 +978,7 @@ def reanalyse(path: str, skip: int, out: str, log) -> dict:
             "median_r": med([row["shap_r"] for row in rows]),
             "batch1_s": med(sub["fidelity"]["times"]["shap_kernel"]),
         }
-    Path(out).write_text(json.dumps(summary, indent=1))
+    harness.write_json(out, summary, indent=1)
     log(f"\nsummary -> {out}")
     return summary
 
@@ -1169,15 +1126,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(msg, flush=True)
 
     log("# AutoGnothi benchmark (lightning_eff.explain)")
-    log(
-        f"python {platform.python_version()}, torch {torch.__version__}, device {device}"
-        + (
-            f" ({torch.cuda.get_device_name(device)})"
-            if device.type == "cuda"
-            else f", {torch.get_num_threads()} threads"
-        )
-        + f", {platform.platform()}"
-    )
+    env = harness.environment(str(device))
+    log(harness.environment_line(env) + f", {env['platform']}")
     log("protocol: " + json.dumps(cfg))
     log(
         "backbone: TinyViT "
@@ -1186,7 +1136,7 @@ def main(argv: list[str] | None = None) -> dict:
         + f"{cfg['mask_samples']} paired "
         "kernel masks per image, attention masking 'exclude' (-inf); Adam-W with cosine schedules"
     )
-    result: dict[str, Any] = {"settings": cfg}
+    result: dict[str, Any] = {"settings": cfg, "environment": env}
     t0 = time.perf_counter()
     if args.only_vit_b:
         log("ViT-B/16 scale check only" + (" (tiny ViT: wiring check)" if args.vit_b_tiny else "") + " ...")
@@ -1204,10 +1154,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         result["vit_b"] = vit_b_scale(args, device, log)
         result["wall_s"] = time.perf_counter() - t0
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, out_path)
+        harness.write_json(out_path, result, indent=1, default=str)
         log(f"total wall time {result['wall_s']:.0f} s; raw numbers in {out_path}")
         return result
     if args.speed_only:
@@ -1222,9 +1169,7 @@ def main(argv: list[str] | None = None) -> dict:
         log("speed only (no fidelity) ...")
         result["speed"] = speed_only(cfg, model, device, log)
         result["wall_s"] = time.perf_counter() - t0
-        tmp = out_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, out_path)
+        harness.write_json(out_path, result, indent=1, default=str)
         log(f"total wall time {result['wall_s']:.0f} s; raw numbers in {out_path}")
         return result
     if args.stop_after:
@@ -1252,9 +1197,7 @@ def main(argv: list[str] | None = None) -> dict:
     report(result, log)
     log("")
     log(f"total wall time {result['wall_s']:.0f} s; raw numbers in {out_path}")
-    tmp = out_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, out_path)
+    harness.write_json(out_path, result, indent=1, default=str)
     return result
 
 

@@ -23,9 +23,9 @@ Protocol, printed with the result:
 
 Usage::
 
-    python benchmarks/explain.py --stop-after surrogate          # classifier.ckpt, surrogate.ckpt
-    python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 8 --epochs 45 --lr 2e-3
-    python benchmarks/explain_tuning.py --side-ratio 1 --mask-samples 32 --epochs 15 --lr 1e-3
+    python -m benchmarks.explain --stop-after surrogate          # classifier.ckpt, surrogate.ckpt
+    python -m benchmarks.explain_tuning --side-ratio 1 --mask-samples 8 --epochs 45 --lr 2e-3
+    python -m benchmarks.explain_tuning --side-ratio 1 --mask-samples 32 --epochs 15 --lr 1e-3
 
 With 32 images the median moves by about 0.01 between seeds: use it to rank settings, and
 ``benchmarks/explain.py`` (100 test images) for the figures.
@@ -33,15 +33,9 @@ With 32 images the median moves by about 0.01 between seeds: use it to rank sett
 
 from __future__ import annotations
 
-import os
-import sys
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
-import importlib.util
 import json
+import os
 import statistics
 import time
 import warnings
@@ -50,15 +44,7 @@ from types import SimpleNamespace
 
 import torch
 
-
-def _load_explain_benchmark():
-    """``benchmarks/explain.py`` as a module: the same stage-1/stage-2 training, trainer and Pearson r."""
-    spec = importlib.util.spec_from_file_location(
-        "lightning_eff_benchmark_explain", Path(__file__).with_name("explain.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import explain as bench  # the same stage-1/stage-2 training, trainer and Pearson r
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,7 +54,6 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning_eff.explain import AutoGnothi
     from lightning_eff.models import ImageClassifier
 
-    bench = _load_explain_benchmark()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--backbone-from",
@@ -120,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     if not os.path.isfile(args.backbone_from):
         raise SystemExit(
-            f"--backbone-from {args.backbone_from!r} does not exist: run python benchmarks/explain.py first "
+            f"--backbone-from {args.backbone_from!r} does not exist: run python -m benchmarks.explain first "
             "(it writes <out>_runs/classifier.ckpt; --stop-after surrogate is enough) or point to another "
             "ImageClassifier or AutoGnothi checkpoint."
         )

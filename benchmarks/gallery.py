@@ -28,19 +28,11 @@ settings, numbers and time; ``<out>/gallery.md`` shows the pictures with their c
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/ holds scripts named like standard modules: when this file runs as a script, its folder comes first
-# on sys.path and would shadow them.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402 (after the sys.path guard)
+import argparse
 import functools
 import io
 import json
-import platform
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from benchmarks import harness
 
 SECTIONS = ("distill", "dart", "shapley", "drive")
 FORMAT_VERSION = 1
@@ -96,12 +90,7 @@ def _readable(path: Path) -> None:
 
 
 def _trainer(steps: int | None = None, epochs: int | None = None, **kw: Any):
-    import lightning as L
-
-    return L.Trainer(
-        max_steps=-1 if steps is None else steps, max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw,
-    )
+    return harness.quiet_trainer("cpu", max_steps=-1 if steps is None else steps, max_epochs=epochs, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,8 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    protocol = {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-                "machine": platform.machine(), "cpu_count": os.cpu_count(), "args": vars(args)}
+    protocol = {**harness.environment("cpu"), "threads": args.threads, "args": vars(args)}
     print(f"gallery: sections {only} -> {out}/  (torch {torch.__version__}, {args.threads} thread(s))", flush=True)
 
     index = out / "gallery.json"

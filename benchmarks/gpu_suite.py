@@ -1,8 +1,8 @@
 """GPU suite: every GPU figure the README quotes or promises, in one command, in at most 8 minutes on one GPU.
 
-    python benchmarks/gpu_suite.py                          # CUDA machine: all jobs -> benchmarks/results/gpu/
-    python benchmarks/gpu_suite.py --jobs dart_7b autognothi_vit_b
-    python benchmarks/gpu_suite.py --tiny --device cpu --out-dir /tmp/gpu_suite   # wiring check, CPU, tiny sizes
+    python -m benchmarks.gpu_suite                          # CUDA machine: all jobs -> benchmarks/results/gpu/
+    python -m benchmarks.gpu_suite --jobs dart_7b autognothi_vit_b
+    python -m benchmarks.gpu_suite --tiny --device cpu --out-dir /tmp/gpu_suite   # wiring check, CPU, tiny sizes
 
 Each job of :data:`JOBS` runs one benchmark script (or, for NCFM at CIFAR size, this file's own worker) as a
 subprocess in its own process group, under a time cap (``cap_s``, cut further so the whole suite stays within
@@ -46,25 +46,20 @@ trained.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# `python benchmarks/gpu_suite.py` puts benchmarks/ first on sys.path, where benchmarks/select.py would shadow
-# the standard library's `select` (imported by subprocess): drop that entry.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu"
@@ -285,6 +280,14 @@ def missing_requirements(job: Job, root: Path = ROOT) -> list[str]:
     return [r for r in job.requires if not re.search(r"[\"']" + re.escape(r) + r"[\"']", source)]
 
 
+def script_module(script: str) -> str:
+    """The module name of a script path relative to the repository root (``benchmarks/ko.py`` -> ``benchmarks.ko``)."""
+    path = Path(script)
+    if path.suffix != ".py" or path.is_absolute():
+        raise ValueError(f"a job's script must be a relative path to a .py file, got {script!r}")
+    return ".".join(path.with_suffix("").parts)
+
+
 def _has_flag(script: str, flag: str, root: Path = ROOT) -> bool:
     return bool(re.search(r"[\"']" + re.escape(flag) + r"[\"']", (root / script).read_text()))
 
@@ -313,7 +316,8 @@ def run_job(job: Job, args, out_dir: Path, cap: float, root: Path = ROOT) -> Out
     json_path = out_dir / f"{job.name}.json"
     log_path = out_dir / f"{job.name}.log"
     json_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(root / job.script), *job_args]
+    # ``python -m benchmarks.<script>`` from ``root``: the scripts are modules of the ``benchmarks`` package
+    cmd = [sys.executable, "-m", script_module(job.script), *job_args]
     writes_json = job.out_flag is not None and _has_flag(job.script, job.out_flag, root)
     if writes_json:
         cmd += [job.out_flag, str(json_path)]
@@ -369,18 +373,9 @@ def run_job(job: Job, args, out_dir: Path, cap: float, root: Path = ROOT) -> Out
 
 
 def machine(device: str) -> dict:
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
+    """:func:`benchmarks.harness.environment` (``cpus``: its ``cpu_count``, the key this file wrote before)."""
+    info = harness.environment(device)
+    info["cpus"] = info["cpu_count"]
     return info
 
 
@@ -448,9 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             for o, j in zip(outcomes, jobs)
         ],
     }
-    tmp = out_dir / "suite.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / "suite.json")
+    harness.write_json(out_dir / "suite.json", summary, indent=1)
     print(f"summary: {out_dir / 'suite.json'} ({summary['wall_s']:.0f} s)")
     return 1 if any(o.status in ("failed", "timeout") for o in outcomes) else 0
 
@@ -546,14 +539,9 @@ def ncfm_cifar_worker(argv: list[str]) -> int:
         probe = Probe()
         module = build(method)
         t0 = time.perf_counter()
-        L.Trainer(
+        harness.quiet_trainer(
+            "cuda" if cuda else "cpu",
             max_steps=size["warmup"] + size["iters"],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="gpu" if cuda else "cpu",
-            devices=1,
             callbacks=[probe],
             default_root_dir=work,
         ).fit(module, datamodule=dm)
@@ -564,7 +552,7 @@ def ncfm_cifar_worker(argv: list[str]) -> int:
             "wall_s": time.perf_counter() - t0,
         }
         if cuda:
-            row["peak_mb"] = (torch.cuda.max_memory_allocated() - probe.base) / 2**20
+            row["peak_mb"] = harness.cuda_peak_mb(since=probe.base)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del module
@@ -598,8 +586,7 @@ def ncfm_cifar_worker(argv: list[str]) -> int:
         },
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    harness.write_json(args.out, result, indent=1)
     return 0
 
 

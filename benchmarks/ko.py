@@ -21,9 +21,9 @@ Plain PyTorch loops (no Trainer), so that the numbers measure the optimizer and 
 
 Usage::
 
-    python benchmarks/ko.py                      # full run (about 6 min on 2 CPU cores)
-    python benchmarks/ko.py --quick              # smoke run (< 1 min)
-    python benchmarks/ko.py --seeds 5 --out outputs/benchmarks/ko_5seeds.json
+    python -m benchmarks.ko                      # full run (about 6 min on 2 CPU cores)
+    python -m benchmarks.ko --quick              # smoke run (< 1 min)
+    python -m benchmarks.ko --seeds 5 --out outputs/benchmarks/ko_5seeds.json
 
 It prints the protocol, per-run progress, and a markdown summary; all raw numbers go to ``--out``.
 """
@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,21 +41,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-# Run as ``python benchmarks/ko.py``, this folder is sys.path[0], so a sibling script named like a
-# standard-library module (``benchmarks/select.py``) would shadow it for torch's own imports
-# (subprocess -> selectors -> select). Search the standard library and site-packages instead.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-for _entry in [p for p in sys.path if os.path.realpath(p or os.curdir) == _HERE]:
-    sys.path.remove(_entry)
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-import torch  # noqa: E402 (after the sys.path fix)
-import torch.nn.functional as F  # noqa: E402 (after the sys.path fix)
-from torch import Tensor, nn  # noqa: E402 (after the sys.path fix)
-
-import lightning_eff  # noqa: E402 (after the sys.path fix)
-from lightning_eff.data import DigitsDataModule  # noqa: E402 (after the sys.path fix)
-from lightning_eff.models import MLP, ConvNet  # noqa: E402 (after the sys.path fix)
-from lightning_eff.optim import KO, collide, condensation_stats  # noqa: E402 (after the sys.path fix)
+import lightning_eff
+from benchmarks.harness import cpu_name, environment, load_average, write_json
+from lightning_eff.data import DigitsDataModule
+from lightning_eff.models import MLP, ConvNet
+from lightning_eff.optim import KO, collide, condensation_stats
 
 # KO hyper-parameters used everywhere: the method's defaults (soft collision, gamma 0.1, "wg_i",
 # sigma 1e-4, threshold 0, a collision every step).
@@ -160,25 +152,6 @@ def paired_t(diffs: Sequence[float]) -> tuple[float, float]:
     except ImportError:  # scipy comes with scikit-learn; without it, no p-value
         p = float("nan")
     return t, p
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 min load average (runnable jobs; above the core count the machine is shared)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_optimizer(params, base: str, lr: float, ko: bool, seed: int, momentum: float = 0.0, **ko_overrides):
@@ -520,7 +493,7 @@ def summary_markdown(
     c, a = cfg["condensation"], cfg["accuracy"]
     lines = [
         f"**KO benchmark** (torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} CPU cores; "
-        f"`python benchmarks/ko.py{' --quick' if cfg['quick'] else ''}`). Mean ± std (ddof=1) over seeds.",
+        f"`python -m benchmarks.ko{' --quick' if cfg['quick'] else ''}`). Mean ± std (ddof=1) over seeds.",
         "",
         f"*Condensation*: 2-layer tanh net, 1 -> {c['hidden']} -> 1, init N(0, {c['init_std']:g}²), "
         f"y = sin(3x) + noise on {c['n_points']} points, {c['steps']} full-batch steps, {c['seeds']} seeds; "
@@ -645,12 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg["cost"][key] = value
     start = time.perf_counter()
     machine = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        **{k: v for k, v in environment().items() if k != "threads"},  # threads: the two below
         "lightning_eff": lightning_eff.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
         "threads_training": args.train_threads,
         "threads_cost": args.threads,
         "interop_threads": torch.get_num_interop_threads(),
@@ -714,8 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=float))
+    write_json(args.out, results, indent=1, default=float)
     print(f"  raw numbers: {args.out}")
     return 0
 

@@ -1,10 +1,10 @@
 """NCFM on the bundled digits: accuracy against its packed-real start, random real (equal storage and count) and DM,
 on the distillation ConvNet and on two other students; cost against trajectory matching.
 
-    python benchmarks/ncfm.py                   # full run (CPU: tens of minutes on 2 idle cores)
-    python benchmarks/ncfm.py --quick           # smoke run (< 1 min of distillation, tiny evaluation)
-    python benchmarks/ncfm.py --device cuda     # the same on a GPU (memory: torch.cuda peak allocation)
-    python benchmarks/ncfm.py --skip accuracy   # only the cost section (or --skip cost)
+    python -m benchmarks.ncfm                   # full run (CPU: tens of minutes on 2 idle cores)
+    python -m benchmarks.ncfm --quick           # smoke run (< 1 min of distillation, tiny evaluation)
+    python -m benchmarks.ncfm --device cuda     # the same on a GPU (memory: torch.cuda peak allocation)
+    python -m benchmarks.ncfm --skip accuracy   # only the cost section (or --skip cost)
 
 Accuracy (per IPC, 1 and 10 by default): every set below is evaluated with the same protocol (fresh
 students trained on the set, tested on the real test split; mean +- std over the students):
@@ -39,21 +39,15 @@ minus the allocation at the reset.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/ holds scripts named like standard modules (select.py): when this file runs as a script,
-# its folder comes first on sys.path and would shadow them.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402 (after the sys.path guard)
+import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -61,6 +55,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import harness
+
+ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(image_size=16, channels=1)
 
 
@@ -149,24 +146,12 @@ def build(method: str, ipc: int, args, feature_path: str | None):
 
 
 def _trainer(max_steps: int, device: str, callbacks=(), root: str | None = None):
-    import lightning as L
-
-    return L.Trainer(
-        max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-        callbacks=list(callbacks), default_root_dir=root or tempfile.mkdtemp(),
+    return harness.quiet_trainer(
+        device, max_steps=max_steps, callbacks=list(callbacks), default_root_dir=root or tempfile.mkdtemp()
     )
 
 
 # ------------------------------------------------------------------------------------------------ cost (child)
-def _rss_mb(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def cost_child(method: str, ipc: int, iters: int, warmup: int, out: str, args) -> None:
     """One alternative in a fresh process: median s/iter and the peak memory of the timed iterations."""
     import lightning as L
@@ -192,7 +177,7 @@ def cost_child(method: str, ipc: int, iters: int, warmup: int, out: str, args) -
                     except OSError:
                         pass
                     Path("/proc/self/clear_refs").write_text("5")
-                    state["base"] = _rss_mb()
+                    state["base"] = harness.rss_mb()
             if cuda:
                 torch.cuda.synchronize()
             self._t = time.perf_counter()
@@ -209,13 +194,13 @@ def cost_child(method: str, ipc: int, iters: int, warmup: int, out: str, args) -
     t0 = time.perf_counter()
     _trainer(warmup + iters, args.device, [Probe()]).fit(module, datamodule=dm)
     if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20 - state["base"]
+        peak = harness.cuda_peak_mb() - state["base"]
     else:
-        peak = _rss_mb("VmHWM") - state["base"]
-    Path(out).write_text(json.dumps({
+        peak = harness.rss_mb("VmHWM") - state["base"]
+    harness.write_json(out, {
         "method": method, "ipc": ipc, "s_per_iter": statistics.median(times), "peak_mb": peak,
         "wall_s": time.perf_counter() - t0,
-    }))
+    }, indent=None)
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
@@ -224,11 +209,8 @@ SET_ORDER = ("random real (equal storage)", "random real (equal count)", "packed
 
 
 def _save(args, protocol, pretrain_s, rows, cost_rows, partial: bool) -> None:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"protocol": protocol, "pretrain_s": pretrain_s, "partial": partial,
-                               "accuracy": rows, "cost": cost_rows}, indent=2))
-    os.replace(tmp, args.out)
+    harness.write_json(args.out, {"protocol": protocol, "pretrain_s": pretrain_s, "partial": partial,
+                                  "accuracy": rows, "cost": cost_rows}, indent=2)
 
 
 def choose_lrs(args, dm, ipc: int) -> dict[str, dict]:
@@ -464,6 +446,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'cuda ' + torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, load average "
         f"{os.getloadavg()[0]:.1f} at start",
+        "environment": harness.environment(args.device),
     }
     print("Protocol")
     for k, v in protocol.items():
@@ -500,11 +483,11 @@ def main() -> None:
         for r in range(args.rounds):
             for m in methods:
                 out = os.path.join(tmp, f"cost_{m}_{r}.json")
-                cmd = [sys.executable, __file__, "--child", m, "10", str(args.cost_iters), "1", out,
+                cmd = [sys.executable, "-m", "benchmarks.ncfm", "--child", m, "10", str(args.cost_iters), "1", out,
                        "--device", args.device, "--width", str(args.width), "--batch-real", str(args.batch_real),
                        "--num-freqs", str(args.num_freqs), "--feature-nets", str(args.feature_nets),
                        "--threads", str(args.threads), "--feature-path", feature_path]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
                 runs[m].append(json.loads(Path(out).read_text()))
                 print(f"cost round {r + 1} {m:9s} {runs[m][-1]['s_per_iter']:.3f} s/iter, "
                       f"peak {runs[m][-1]['peak_mb']:.1f} MB", flush=True)

@@ -22,7 +22,6 @@ the same scale, and no F; students train on CE + weight x MSE(pool(E(x)), F), we
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import harness
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(image_size=8, channels=1)
 NET = dict(in_channels=1, num_classes=10, width=32, depth=2, image_size=8)
@@ -42,18 +43,7 @@ DRUPI_WEIGHTS = (0.01, 0.1, 1.0)
 
 
 def _trainer(iterations: int):
-    import lightning as L
-
-    return L.Trainer(
-        max_steps=iterations,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="auto",
-        devices=1,
-        default_root_dir=tempfile.mkdtemp(),
-    )
+    return harness.quiet_trainer("auto", max_steps=iterations, default_root_dir=tempfile.mkdtemp())
 
 
 def _net():
@@ -251,6 +241,7 @@ def main() -> None:
         "must match), SGD 0.01 momentum 0.9, "
         f"{args.eval_epochs} epochs, DSA, final test accuracy on the 359 test images; same student seeds for every set",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "environment": harness.environment("cuda" if torch.cuda.is_available() else "cpu"),
     }
     if quick:
         protocol["note"] = "--quick: tiny budgets, numbers are a smoke test only"
@@ -284,10 +275,7 @@ def main() -> None:
                 f"| {r['images']} | {r['ipc']} | {r['variant']} | {r['weight']:g} | {r['bytes']} | "
                 f"{100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} |"
             )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out + ".tmp"
-    Path(tmp).write_text(json.dumps(results, indent=2))
-    os.replace(tmp, args.out)
+    harness.write_json(args.out, results, indent=2)
     print(f"\nraw results: {args.out}")
 
 

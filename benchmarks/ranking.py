@@ -3,9 +3,9 @@ matching and NCFM (those that exist), ranked in the hard- and the soft-label set
 protocol with the students trained together (``vectorize=True``) against the same students trained one
 after the other (``vectorize=False``), interleaved A B A B.
 
-    python benchmarks/ranking.py                 # CPU run (reduced protocol, about 10-15 min on 2 cores)
-    python benchmarks/ranking.py --quick         # smoke run (< 1 min)
-    python benchmarks/ranking.py --device cuda --size 16 --width 128 --depth 3 --runs 5 --epochs 300 \\
+    python -m benchmarks.ranking                 # CPU run (reduced protocol, about 10-15 min on 2 cores)
+    python -m benchmarks.ranking --quick         # smoke run (< 1 min)
+    python -m benchmarks.ranking --device cuda --size 16 --width 128 --depth 3 --runs 5 --epochs 300 \\
         --eval-every 20 --distill-steps 1000 --repeats 3     # the paper's protocol on a GPU
 
 Each method distils its set first (timed separately, not part of the ranking time). The soft-label
@@ -21,24 +21,15 @@ distillation core checks vectorised == sequential to 2e-5); the largest differen
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
 
-# `python benchmarks/ranking.py` puts benchmarks/ first on sys.path, where select.py shadows the standard
-# library's `select` (which torch imports through subprocess): drop it.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
+from benchmarks import harness
 
 METHODS = ("random_real", "dm", "gm", "mtt", "ncfm")
 
@@ -82,7 +73,6 @@ def build_method(name: str, net, ipc: int, args):
 
 def distil(name: str, dm, args) -> tuple[object, float]:
     """The set of ``name`` (``None`` with the reason when the method is not available) and the seconds it took."""
-    import lightning as L
 
     from lightning_eff.distill import SyntheticSet
     from lightning_eff.models import ConvNet
@@ -95,16 +85,7 @@ def distil(name: str, dm, args) -> tuple[object, float]:
         module = build_method(name, net, args.ipc, args)
     except ImportError as err:
         return f"not available ({err})", 0.0
-    trainer = L.Trainer(
-        max_steps=args.distill_steps,
-        accelerator=args.device,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tempfile.mkdtemp(),
-    )
+    trainer = harness.quiet_trainer(args.device, max_steps=args.distill_steps, default_root_dir=tempfile.mkdtemp())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=dm)
@@ -280,14 +261,11 @@ def main() -> None:
 
     dm = DigitsDataModule(image_size=args.size, channels=1, batch_size=256)
     dm.setup("fit")
-    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
+    env = harness.environment(args.device)
     print(
         "# DD-Ranking on digits: students trained together (vectorize=True) vs one after the other (vectorize=False)"
     )
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, device {args.device}{gpu}"
-    )
+    print(harness.environment_line(env))
     print(
         f"protocol: digits {args.size}px, IPC {args.ipc}, {args.runs} runs, lr grid of {args.grid}, {args.epochs} epochs, "
         f"best checkpoint every {args.eval_every}, SGD momentum 0.9 wd 5e-4 batch 256, lr x0.1 at half; student "
@@ -381,15 +359,12 @@ def main() -> None:
         print("| --- | --- | --- | --- |")
         for r in scaling:
             print(f"| {r['students']} | {r['ms_per_student_step']:.2f} | {r['sequential_ms']:.2f} | {r['speedup']:.2f}x |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"args": vars(args), "distill": distill_info, "teacher_acc": teacher_acc, "settings": raw,
-             "step_scaling": scaling},
-            indent=1,
-            default=str,
-        )
+    out = harness.write_json(
+        args.out,
+        {"args": vars(args), "environment": env, "distill": distill_info, "teacher_acc": teacher_acc,
+         "settings": raw, "step_scaling": scaling},
+        indent=1,
+        default=str,
     )
     print(f"\nraw numbers: {out}")
 

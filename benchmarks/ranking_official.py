@@ -1,9 +1,9 @@
 """DD-Ranking: ``lightning_eff.ranking.DDRanking`` side by side with the official ``ddranking`` 0.2.0 package,
 both run on the same local-folder digits, timed in the same run (interleaved, medians).
 
-    python benchmarks/ranking_official.py                       # CPU, about 10 min on 2 loaded cores
-    python benchmarks/ranking_official.py --quick               # smoke run
-    python benchmarks/ranking_official.py --ddranking-python /work/ddr-venv/bin/python
+    python -m benchmarks.ranking_official                       # CPU, about 10 min on 2 loaded cores
+    python -m benchmarks.ranking_official --quick               # smoke run
+    python -m benchmarks.ranking_official --ddranking-python /work/ddr-venv/bin/python
 
 ``ddranking`` 0.2.0 pins ``numpy<2``, so it lives in its own environment (``--ddranking-python``; see
 docs/methods/ddranking.md) and runs in a subprocess of this script (``--official-worker``).
@@ -46,11 +46,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-# `python benchmarks/ranking_official.py` puts benchmarks/ first on sys.path, where select.py shadows the
-# standard library's `select` (which torch imports through subprocess): drop it.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the package's normalisation of ImageNet-layout folders (data.py l. 132-133)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -323,12 +318,14 @@ def write_json(args, times: dict, official_runs: list, reports: dict) -> None:
     """All raw numbers so far (written after every round, so an interrupted run keeps its rounds)."""
     import torch
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from benchmarks import (
+        harness,  # not at the top: the ddranking worker runs this file in its own environment
+    )
+
     n_official = args.sets * args.runs * (2 * len(LR_GRID) + 1)
-    out.write_text(
-        json.dumps(
-            {
+    harness.write_json(
+        args.out,
+        {
                 "args": vars(args),
                 "rounds_done": len(official_runs),
                 "seconds": times,
@@ -339,10 +336,10 @@ def write_json(args, times: dict, official_runs: list, reports: dict) -> None:
                 "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "load_average_at_end": os.getloadavg(),
-            },
-            indent=1,
-            default=str,
-        )
+                "environment": harness.environment(),
+        },
+        indent=1,
+        default=str,
     )
 
 

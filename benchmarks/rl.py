@@ -37,24 +37,18 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
-# ``python benchmarks/rl.py`` puts benchmarks/ first on sys.path, where a sibling script named like a
-# standard module (benchmarks/select.py) would shadow it: drop that entry, add the repository root.
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 
 def _stock_env(scenario: str):

@@ -9,27 +9,23 @@ is the floor a learned driver must clear by far (issue 17). Protocol:
    seeds ``2**31 + i`` (``i < --test-episodes``) that ``benchmarks/rl.py`` reports.
 
 The script only uses ``HighwayBEVEnv`` and ``run_episode``, so it runs against an older checkout too
-(``PYTHONPATH=/path/to/old/checkout python benchmarks/rl_constant.py``): that is how the "before" row of
+(``PYTHONPATH=/path/to/old/checkout python -m benchmarks.rl_constant``): that is how the "before" row of
 ``benchmarks/results/rl_constant_action.json`` was measured.
 
 Usage::
 
-    python benchmarks/rl_constant.py --out benchmarks/results/rl_constant_action_after.json
+    python -m benchmarks.rl_constant --out benchmarks/results/rl_constant_action_after.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+import numpy as np
 
-import numpy as np  # noqa: E402
+from benchmarks import harness
 
 EVAL_SEED_OFFSET = 2**31
 VAL_SEED_OFFSET = 2**31 + 100_000
@@ -86,9 +82,7 @@ def main() -> None:
            "best_action": best["action"], "best_command": best["command"], "test": test_res,
            "wall_s": time.perf_counter() - t0}
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        harness.write_json(args.out, {**out, "environment": harness.environment()}, indent=1)
 
 
 if __name__ == "__main__":

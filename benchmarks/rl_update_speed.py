@@ -11,7 +11,7 @@ package at ``--after`` (git revisions, extracted to a temporary folder; ``--afte
 machine hits both alike; reported: the median seconds per update of each side, the ratio of the medians
 and the ratio per round.
 
-Run: ``python benchmarks/rl_update_speed.py --base 07e3277 --out benchmarks/results/rl_update_speed_cpu.json``
+Run: ``python -m benchmarks.rl_update_speed --base 07e3277 --out benchmarks/results/rl_update_speed_cpu.json``
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ def worker(steps: int, warmup: int, ratio: float, seed: int, overrides: dict) ->
             times.append(time.perf_counter() - self.t0)
             cpu.append(time.process_time() - self.c0)
 
+    # not benchmarks.harness.quiet_trainer: the worker runs this file against an extracted old lightning_eff
+    # (PYTHONPATH=<that tree>), where the benchmarks package is not importable
     trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + warmup, accelerator="cpu", devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -161,6 +163,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.steps, args.warmup, args.ratio[0], args.seed, json.loads(args.overrides))))
         return
+    from benchmarks import harness  # here, not at the top: the workers run this file outside the package
+
     rev = subprocess.run(["git", "rev-parse", "HEAD" if args.after == "tree" else args.after], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.strip()
     dirty = args.after == "tree" and bool(subprocess.run(["git", "status", "--porcelain", "lightning_eff"], cwd=ROOT,
@@ -181,7 +185,8 @@ def main() -> None:
                            "load_average_at_start": os.getloadavg(), "cpu_count": os.cpu_count(),
                            "machine": platform.machine(), "command": " ".join(sys.argv),
                            "timer": "per training_step (one world-model update + planner_ratio actor-critic updates), "
-                                    "Lightning callback on_train_batch_start/end; cpu = time.process_time"},
+                                    "Lightning callback on_train_batch_start/end; cpu = time.process_time",
+                           "environment": harness.environment()},
               "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {"before": Path(tmp) / "before", "after": ROOT if args.after == "tree" else Path(tmp) / "after"}
@@ -204,8 +209,7 @@ def main() -> None:
                     print(f"{side}: {result['flops']['before'][key]:.2f} -> {f[key]:.2f} GFLOP per update at planner "
                           f"ratio {r:g} ({f[f'flop_reduction_ratio_{r:g}']:.2f}x fewer)")
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1))
+            harness.write_json(args.out, result, indent=1)
         for ratio in args.ratio if args.rounds > 0 else []:  # --rounds 0: FLOP counts only
             rows = {k: {"cpu": [], "wall": []} for k in sides}
             for r in range(args.rounds):
@@ -239,8 +243,7 @@ def main() -> None:
                       f"cpu, {entry[f'speedup_{k}']['wall_of_medians']:.2f}x wall")
             result["results"][f"planner_ratio_{ratio:g}"] = entry
             if args.out:  # partial results survive an interrupted run
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(result, indent=1))
+                harness.write_json(args.out, result, indent=1)
     if args.out:
         print("wrote", args.out)
 

@@ -1,10 +1,10 @@
 """Token-compression benchmarks: DART's speed-up in a Llama decoder, and accuracy of selectors on digits.
 
-    python benchmarks/tokens.py                      # both parts, CPU sizes
-    python benchmarks/tokens.py --quick              # < 1 min smoke run
-    python benchmarks/tokens.py --part speed --device cuda --preset 7b   # GPU: LLaVA-1.5-7B-shaped decoder
-    python benchmarks/tokens.py --part speed --arch llava                # LLaVA-1.5-shaped model, CPU sizes
-    python benchmarks/tokens.py --part speed --arch llava --device cuda --preset 7b
+    python -m benchmarks.tokens                      # both parts, CPU sizes
+    python -m benchmarks.tokens --quick              # < 1 min smoke run
+    python -m benchmarks.tokens --part speed --device cuda --preset 7b   # GPU: LLaVA-1.5-7B-shaped decoder
+    python -m benchmarks.tokens --part speed --arch llava                # LLaVA-1.5-shaped model, CPU sizes
+    python -m benchmarks.tokens --part speed --arch llava --device cuda --preset 7b
 
 1. speed: a random-init Llama-architecture decoder built from a config (no download), a LLaVA-1.5-like prompt
    (35 prefix + 576 image + 25 question tokens), DART from layer 2 with max_kept=64 (keeps 4 + 8 * 8 = 68
@@ -25,20 +25,14 @@
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
-from pathlib import Path
+import time
 
-# `python benchmarks/tokens.py` puts benchmarks/ first on sys.path, where benchmarks/select.py would shadow the
-# standard library's `select` module (imported by subprocess, hence by torch): use the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+from benchmarks import harness
 
 PRESETS = {
     # ~0.24B parameters; 16 layers so that the layers after K=2 dominate as in a 7B model
@@ -100,31 +94,12 @@ CLIP_QUICK = dict(CLIP_L_336, hidden_size=128, intermediate_size=256, num_hidden
 
 
 def _machine(device: torch.device) -> dict:
-    import os
-    import platform
-
-    import transformers
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    """:func:`benchmarks.harness.environment` on ``device``."""
+    return harness.environment(str(device))
 
 
 def _write_json(path: str, payload: dict) -> None:
-    import json
-
-    from lightning_eff.utils.io import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
+    harness.write_json(path, payload, indent=1)
     print(f"raw results: {path}")
 
 
@@ -271,7 +246,7 @@ def bench_speed(args) -> dict:
     )
     result = {
         "benchmark": "tokens.speed",
-        "command": "python benchmarks/tokens.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.tokens " + " ".join(sys.argv[1:]),
         "arch": args.arch,
         "preset": preset,
         "model": what,
@@ -322,14 +297,7 @@ def bench_quality(args) -> dict:
         f"hidden 64; trained {epochs} epochs without pruning (AdamW lr {args.lr}, seed 0), eager attention; "
         f"test split of DigitsDataModule (359 images); selectors at the same kept count (DART's); K in {layers}"
     )
-    trainer_kw = dict(
-        accelerator=accel,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-    )
+    trainer_kw = harness.trainer_kwargs(accel)
     fit_kw = dict(limit_train_batches=10) if quick else {}
     t0 = time.perf_counter()
     L.Trainer(max_epochs=epochs, **trainer_kw, **fit_kw).fit(model, dm)
@@ -361,7 +329,7 @@ def bench_quality(args) -> dict:
         print(f"| {name} | {kl} | {kept} / {n_img} | {100 * (1 - kept / n_img):.1f}% | {acc:.3f} | {note} |")
     result = {
         "benchmark": "tokens.quality",
-        "command": "python benchmarks/tokens.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.tokens " + " ".join(sys.argv[1:]),
         "protocol": {
             "model": "TinyVLM: 4 Llama layers, hidden 64, eager attention",
             "data": f"DigitsDataModule {image_size}x{image_size}; trained on its train split without pruning; "

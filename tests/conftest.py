@@ -1,10 +1,19 @@
-"""Shared fixtures: no network, no W&B uploads, deterministic seeds."""
+"""Shared fixtures: no network, no W&B uploads, deterministic seeds, the digits at 8 and 16 px.
+
+Helpers (a quiet CPU Trainer, the digits, a tiny ConvNet) are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from helpers import digits_fixture
+
+#: ``DigitsDataModule(image_size=8)``, set up, one per test module (tests may change its batch size)
+digits8 = digits_fixture(8)
+#: ``DigitsDataModule(image_size=16)``, set up, one per test module
+digits16 = digits_fixture(16)
 
 
 @pytest.fixture(autouse=True)

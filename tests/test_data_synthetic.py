@@ -9,17 +9,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer, digits_fixture
 
 from lightning_eff.data import ClassificationDataModule, DigitsDataModule, SyntheticSetDataModule
 from lightning_eff.distill import DSA, SyntheticSet
 from lightning_eff.models import ConvNet, ImageClassifier
 
-
-@pytest.fixture(scope="module")
-def real8() -> DigitsDataModule:
-    dm = DigitsDataModule(image_size=8)
-    dm.setup()
-    return dm
+real8 = digits_fixture(8)
 
 
 @pytest.fixture
@@ -29,17 +25,7 @@ def set_path(real8, tmp_path):
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return cpu_trainer(tmp_path, **kwargs)
 
 
 def test_trains_on_the_set_and_evaluates_on_the_real_splits(set_path, real8):

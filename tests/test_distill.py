@@ -6,10 +6,10 @@ import os
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_trainer, digits_fixture, tiny_convnet
 from PIL import Image
 
 from lightning_eff.data import DigitsDataModule
@@ -23,33 +23,20 @@ from lightning_eff.distill.mtt import (
     normalized_parameter_distance,
     train_experts,
 )
-from lightning_eff.models import ConvNet, ImageClassifier
+from lightning_eff.models import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    dm = DigitsDataModule(image_size=8)
-    dm.setup("fit")
-    return dm
+digits = digits_fixture(8)
 
 
 def small_net(size=8, width=16):
-    return ConvNet(in_channels=1, num_classes=10, width=width, depth=2, image_size=size)
+    return tiny_convnet(size, width, depth=2)
 
 
 def trainer(tmp_path, **kw):
-    kw.setdefault("max_steps", 4)
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    return cpu_trainer(tmp_path, **{"max_steps": 4, **kw})
 
 
 METHODS = {
@@ -447,6 +434,8 @@ def test_distill_configs_fit_through_the_cli(path, tmp_path, monkeypatch):
         overrides += ["--model.init_args.inner_loop=2"]
     if "batch_real" in text and "StaticSet" not in text:
         overrides += ["--model.init_args.batch_real=16"]
+    if "distill.SDC" in text:  # SDC trains its networks on the real data first (2 x 20 epochs in the config)
+        overrides += ["--model.init_args.plugins.init_args.train_epochs=1"]
     if "ncfm.NCFM" in text:
         overrides += ["--model.init_args.num_feature_nets=1", "--model.init_args.pretrain.epochs=1",
                       "--model.init_args.num_freqs=64"]

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import digits_fixture
 from torch import nn
 
 from lightning_eff.data import DigitsDataModule
@@ -30,19 +31,8 @@ from lightning_eff.distill.evaluate import (
 from lightning_eff.distill.synthetic import SyntheticSet
 from lightning_eff.models import ConvNet
 
-
-@pytest.fixture(scope="module")
-def dm16():
-    dm = DigitsDataModule(image_size=16)
-    dm.setup()
-    return dm
-
-
-@pytest.fixture(scope="module")
-def dm8():
-    dm = DigitsDataModule(image_size=8)
-    dm.setup()
-    return dm
+dm16 = digits_fixture(16)
+dm8 = digits_fixture(8)
 
 
 def tiny(width: int = 8, size: int = 16, depth: int = 2, norm: str = "instance") -> ConvNet:

@@ -10,10 +10,10 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_trainer, digits_fixture, tiny_convnet
 
 from lightning_eff.data import DigitsDataModule
 from lightning_eff.distill import DistillPlugin, SyntheticSet, evaluate_synthetic
@@ -35,15 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def digits():
-    dm = DigitsDataModule(image_size=16)
-    dm.setup("fit")
-    return dm
+digits = digits_fixture(16)
 
 
 def tiny_net(width: int = 8):
-    return ConvNet(in_channels=1, num_classes=10, width=width, depth=2, image_size=16)
+    return tiny_convnet(16, width, depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +58,7 @@ def make(feature_file, **kw):
 
 
 def trainer(tmp_path, **kw):
-    kw.setdefault("max_steps", 2)
-    return L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **kw,
-    )
+    return cpu_trainer(tmp_path, **{"max_steps": 2, **kw})
 
 
 def loss_at(module, iteration):

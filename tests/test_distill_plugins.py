@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import digits_fixture
 from torch import nn
 
 from lightning_eff.data import DigitsDataModule
@@ -31,11 +32,7 @@ from test_distill import METHODS, small_net, trainer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    dm = DigitsDataModule(image_size=8)
-    dm.setup("fit")
-    return dm
+digits = digits_fixture(8)
 
 
 # ---------------------------------------------------------------- sample_difficulty

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lightning_eff.explain import exact_shapley, kernel_shap
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "explain_benchmark_under_test", ROOT / "benchmarks" / "explain.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.explain")
 
 
 class FakeSurrogate(nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -15,13 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _suite():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_suite_under_test", ROOT / "benchmarks" / "gpu_suite.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.gpu_suite")
 
 
 def _script(tmp_path: Path, name: str, body: str) -> str:
@@ -121,7 +115,8 @@ def test_no_cuda_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.gpu_suite", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
@@ -139,7 +134,8 @@ def test_tiny_cpu_run_of_every_job(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "gpu_suite.py"),
+            "-m",
+            "benchmarks.gpu_suite",
             "--tiny",
             "--device",
             "cpu",
@@ -150,6 +146,7 @@ def test_tiny_cpu_run_of_every_job(tmp_path):
             "--budget-s",
             "1200",
         ],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1500,

@@ -8,6 +8,7 @@ import itertools
 import lightning as L
 import pytest
 import torch
+from helpers import cpu_trainer
 from torch import nn
 
 from lightning_eff.optim import KO, collide, condensation_stats, hard_collide
@@ -426,14 +427,7 @@ class _Boring(L.LightningModule):
 
 
 def _trainer(tmp_path, **kw):
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    return cpu_trainer(tmp_path, **{"enable_checkpointing": True, **kw})
 
 
 def test_lightning_checkpoint_resume_continues_the_same_trajectory(tmp_path):

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_trainer
 from torch import nn
 
 from lightning_eff.data import DigitsDataModule
@@ -17,17 +18,7 @@ from lightning_eff.models import MLP, ConvNet, ImageClassifier
 
 
 def _trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return cpu_trainer(root, **{"enable_checkpointing": True, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------

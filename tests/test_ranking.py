@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import digits_fixture, tiny_convnet
 
 from lightning_eff.data import DigitsDataModule
 from lightning_eff.distill import DistributionMatching, StudentProtocol, SyntheticSet
@@ -29,15 +30,11 @@ from lightning_eff.utils.seeding import derive_seed
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def dm8():
-    dm = DigitsDataModule(image_size=8)
-    dm.setup("fit")
-    return dm
+dm8 = digits_fixture(8)
 
 
 def tiny_net(size: int = 8, width: int = 8) -> ConvNet:
-    return ConvNet(in_channels=1, num_classes=10, width=width, depth=1, image_size=size)
+    return tiny_convnet(size, width, depth=1)
 
 
 #: The students of the tiny protocol: 4 epochs, a 2-lr grid, checkpoints every 2 epochs, DSA (no CutMix).

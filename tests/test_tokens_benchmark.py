@@ -3,20 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import tokens as bench
 
 
 @pytest.mark.parametrize("arch", ["llama", "llava"])
 def test_speed_part_writes_json_and_prunes(arch, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_tokens", ROOT / "benchmarks" / "tokens.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out = tmp_path / "speed.json"
     bench.main(["--part", "speed", "--arch", arch, "--quick", "--repeats", "1", "--warmup", "0",
                 "--new-tokens", "2", "--out", str(out)])  # fmt: skip

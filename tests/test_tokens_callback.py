@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from _flops import measured_layer_flops
+from helpers import cpu_trainer
 from lightning.pytorch.callbacks import Callback
 
 from lightning_eff.cli import LightningEffCLI
@@ -39,15 +40,7 @@ def plain_argv(monkeypatch):
 
 
 def _trainer(tmp_path, callbacks, **kw):
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **kw,
-    )
+    return cpu_trainer(tmp_path, callbacks=callbacks, **{"accelerator": "auto", "devices": "auto", **kw})
 
 
 def test_cli_fit_with_dart_config(tmp_path, plain_argv):

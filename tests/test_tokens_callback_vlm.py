@@ -10,6 +10,7 @@ import pytest
 import torch
 from _flops import measured_layer_flops
 from _tiny_vlms import build, cache_bytes, inputs, text_decoder
+from helpers import cpu_trainer
 from torch.utils.data import DataLoader
 
 from lightning_eff.tokens import DART, DecoderTokenPruner, TokenCompression
@@ -49,10 +50,7 @@ def _hooks(module):
 
 
 def _trainer(tmp_path, cb):
-    return L.Trainer(
-        default_root_dir=tmp_path, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[cb], accelerator="cpu", devices=1,
-    )  # fmt: skip
+    return cpu_trainer(tmp_path, callbacks=[cb])
 
 
 def test_validate_logs_kept_ratio_flops_kv_bytes_and_latency(tmp_path):
