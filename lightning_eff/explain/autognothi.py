@@ -45,7 +45,6 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_eff.explain.backbones import load_backbone, load_backbone_weights, make_adapter
 from lightning_eff.explain.players import PlayerLayout
@@ -61,6 +60,7 @@ from lightning_eff.explain.surrogate import CHECKPOINT_FORMAT_VERSION, load_surr
 from lightning_eff.utils.checks import check_choice, check_float, check_int
 from lightning_eff.utils.distributed import ProcessGroupCleanup
 from lightning_eff.utils.hparams import save_plain_hyperparameters
+from lightning_eff.utils.optim import optimizer_config
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "AutoGnothi", "ExplainOutput"]
 
@@ -642,11 +642,5 @@ class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
     def configure_optimizers(self) -> Any:
         """``optimizer`` over the trainable side parameters (plus ``lr_scheduler`` when given)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = f"{self.stage}/val_{'kl' if self.stage == 'surrogate' else 'loss'}"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        monitor = f"{self.stage}/val_{'kl' if self.stage == 'surrogate' else 'loss'}"
+        return optimizer_config(self.optimizer, params, self.lr_scheduler, monitor=monitor)
