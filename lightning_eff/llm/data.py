@@ -460,7 +460,8 @@ class InstructionDataModule(L.LightningDataModule):
     ) -> DataLoader:
         # Shuffling draws from torch's global RNG, which `seed_everything` seeds (not from `seed`, which fixes the
         # data itself), so runs with different seeds see the data in different orders.
-        return make_loader(InstructionDataset(records, indices), batch_size, shuffle, self.num_workers, self.collator)
+        dataset = InstructionDataset(records, indices)
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.collator)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (of the records :meth:`train_indices` names)."""
