@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_eff.utils.checks import check_int
+from lightning_eff.utils.loaders import make_loader
 
 __all__ = ["ClassificationDataModule", "ImageTensorDataset"]
 
@@ -324,13 +325,7 @@ class ClassificationDataModule(L.LightningDataModule):
     # dataloaders
     # ------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, self.batch_size, shuffle, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled loader over ``train_set``."""

@@ -47,6 +47,7 @@ __all__ = [
     "ExpertTrajectoryRecorder",
     "train_experts",
     "load_experts",
+    "real_training_tensors",
     "TRAJECTORY_FORMAT",
     "TRAJECTORY_VERSION",
 ]
@@ -182,6 +183,21 @@ def load_experts(directory: str | Path) -> list[ExpertTrajectory]:
     return [ExpertTrajectory.load(f) for f in files]
 
 
+def real_training_tensors(datamodule) -> tuple[Tensor, Tensor]:
+    """The real training split of a ``ClassificationDataModule`` as two tensors, sorted by class.
+
+    Calls ``datamodule.setup("fit")``, then returns ``(images [N, C, H, W], labels [N])`` with class 0's images
+    first (``class_images(c)`` in order), so that ``labels[i]`` is the class of ``images[i]``. Shared by
+    :func:`train_experts` and :func:`~lightning_eff.distill.ncfm.pretrain_feature_networks`.
+    """
+    datamodule.setup("fit")
+    images = torch.cat([datamodule.class_images(c) for c in range(datamodule.num_classes)])
+    labels = torch.cat(
+        [torch.full((len(datamodule.class_indices(c)),), c) for c in range(datamodule.num_classes)]
+    )
+    return images, labels
+
+
 def train_experts(
     datamodule,
     net: nn.Module,
@@ -203,11 +219,7 @@ def train_experts(
     """
     check_int(num_experts, "num_experts", minimum=1, owner="train_experts")
     check_int(epochs, "epochs", minimum=1, owner="train_experts")
-    datamodule.setup("fit")
-    images = torch.cat([datamodule.class_images(c) for c in range(datamodule.num_classes)])
-    labels = torch.cat(
-        [torch.full((len(datamodule.class_indices(c)),), c) for c in range(datamodule.num_classes)]
-    )
+    images, labels = real_training_tensors(datamodule)
     experts = []
     iterator = range(num_experts)
     if progress:

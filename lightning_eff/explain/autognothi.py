@@ -45,7 +45,6 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_eff.explain.backbones import load_backbone, load_backbone_weights, make_adapter
 from lightning_eff.explain.players import PlayerLayout
@@ -61,6 +60,7 @@ from lightning_eff.explain.surrogate import CHECKPOINT_FORMAT_VERSION, load_surr
 from lightning_eff.utils.checks import check_choice, check_float, check_int
 from lightning_eff.utils.distributed import ProcessGroupCleanup
 from lightning_eff.utils.hparams import save_plain_hyperparameters
+from lightning_eff.utils.optim import optimizer_config
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "AutoGnothi", "ExplainOutput"]
 
@@ -471,6 +471,25 @@ class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
                 f"the learning rate or check the inputs."
             )
 
+    def _log_loss(self, loss: Tensor, stage: str, key: str, split: str, batch_idx: int, b: int) -> None:
+        """Raise on a non-finite ``loss``, then log it as ``{stage}/{split}_{key}`` (per step too in training)."""
+        self._check_finite(loss, f"{stage} {split}", batch_idx)
+        self.log(
+            f"{stage}/{split}_{key}",
+            loss,
+            on_step=split == "train",
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=b,
+        )
+
+    def _log_backbone_acc(self, logits: Tensor, labels: Tensor | None, split: str, b: int) -> None:
+        """Log the frozen backbone's accuracy as ``backbone/{split}_acc`` when the batch has labels."""
+        if labels is not None:
+            acc = (logits.argmax(-1) == labels).float().mean()
+            self.log(f"backbone/{split}_acc", acc, on_epoch=True, sync_dist=True, batch_size=b)
+
     def _generator(self, split: str, batch_idx: int) -> torch.Generator | None:
         """Fixed masks for validation/test (seeded by batch index), the global RNG for training."""
         if split == "train":
@@ -490,17 +509,7 @@ class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
         _, hiddens = self._run_backbone(inputs, keep)
         surrogate_logits = self._surrogate(hiddens, keep)
         loss = surrogate_kl_loss(logits, surrogate_logits)
-        self._check_finite(loss, f"surrogate {split}", batch_idx)
-        on_step = split == "train"
-        self.log(
-            f"surrogate/{split}_kl",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=b,
-        )
+        self._log_loss(loss, "surrogate", "kl", split, batch_idx, b)
         if split != "train":
             with torch.no_grad():
                 full = self._surrogate(full_hiddens, self._side_keep(token_valid))
@@ -514,9 +523,7 @@ class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
                 sync_dist=True,
                 batch_size=b,
             )
-            if labels is not None:
-                acc = (logits.argmax(-1) == labels).float().mean()
-                self.log(f"backbone/{split}_acc", acc, on_epoch=True, sync_dist=True, batch_size=b)
+            self._log_backbone_acc(logits, labels, split, b)
         return loss
 
     def _explainer_step(self, inputs: Any, labels: Tensor | None, split: str, batch_idx: int) -> Tensor:
@@ -539,23 +546,11 @@ class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
         )  # (E2)
         values = self.surrogate_values(inputs, masks)
         loss = shapley_regression_loss(phi, masks, values, null, valid)  # (E5)
-        self._check_finite(loss, f"explainer {split}", batch_idx)
-        on_step = split == "train"
-        self.log(
-            f"explainer/{split}_loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=b,
-        )
+        self._log_loss(loss, "explainer", "loss", split, batch_idx, b)
         if split != "train":
             gap = (phi.sum(1) - (grand - null)).abs().mean()
             self.log(f"explainer/{split}_efficiency_gap", gap, on_epoch=True, sync_dist=True, batch_size=b)
-            if labels is not None:
-                acc = (logits.argmax(-1) == labels).float().mean()
-                self.log(f"backbone/{split}_acc", acc, on_epoch=True, sync_dist=True, batch_size=b)
+            self._log_backbone_acc(logits, labels, split, b)
             if split == "val" and batch_idx == 0 and self.num_heatmaps and self.adapter.modality == "image":
                 k = min(self.num_heatmaps, b)
                 self._heatmap_batch = (
@@ -642,11 +637,5 @@ class AutoGnothi(ProcessGroupCleanup, L.LightningModule):
     def configure_optimizers(self) -> Any:
         """``optimizer`` over the trainable side parameters (plus ``lr_scheduler`` when given)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = f"{self.stage}/val_{'kl' if self.stage == 'surrogate' else 'loss'}"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        monitor = f"{self.stage}/val_{'kl' if self.stage == 'surrogate' else 'loss'}"
+        return optimizer_config(self.optimizer, params, self.lr_scheduler, monitor=monitor)

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_eff.utils.checks import check_float, check_int
+from lightning_eff.utils.loaders import make_loader
 
 __all__ = ["SyntheticTextDataModule", "TokenDataset"]
 
@@ -180,13 +181,7 @@ class SyntheticTextDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("SyntheticTextDataModule: call `setup()` first (the Trainer does it for you).")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, self.batch_size, shuffle, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

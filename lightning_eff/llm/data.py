@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_eff.llm.arithmetic import DEFAULT_PROMPT
 from lightning_eff.utils.checks import check_float, check_int
+from lightning_eff.utils.loaders import make_loader
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -459,14 +460,8 @@ class InstructionDataModule(L.LightningDataModule):
     ) -> DataLoader:
         # Shuffling draws from torch's global RNG, which `seed_everything` seeds (not from `seed`, which fixes the
         # data itself), so runs with different seeds see the data in different orders.
-        return DataLoader(
-            InstructionDataset(records, indices),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        dataset = InstructionDataset(records, indices)
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.collator)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (of the records :meth:`train_indices` names)."""

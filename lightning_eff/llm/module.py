@@ -28,13 +28,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
 from lightning_eff.llm.metrics import METRICS, exact_match, extract_answer, rouge_l_f1
 from lightning_eff.utils.checks import check_int
 from lightning_eff.utils.distributed import ProcessGroupCleanup
 from lightning_eff.utils.hparams import save_plain_hyperparameters
+from lightning_eff.utils.optim import optimizer_config
 
 __all__ = ["CausalLMModule", "SavePretrained", "build_causal_lm", "score_answer", "eos_token_ids", "DTYPES"]
 
@@ -375,14 +375,7 @@ class CausalLMModule(ProcessGroupCleanup, L.LightningModule):
     def configure_optimizers(self) -> Any:
         """``optimizer`` over the trainable parameters, plus ``lr_scheduler`` when given."""
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return optimizer_config(self.optimizer, params, self.lr_scheduler, monitor="val/loss")
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write the model (LoRA merged into a copy) and tokenizer with ``save_pretrained``; returns the path.

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_eff.utils.distributed import ProcessGroupCleanup
 from lightning_eff.utils.hparams import save_plain_hyperparameters
+from lightning_eff.utils.optim import optimizer_config
 
 __all__ = ["ImageClassifier"]
 
@@ -277,11 +277,4 @@ class ImageClassifier(ProcessGroupCleanup, L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """``optimizer(self.parameters())``, plus ``lr_scheduler(optimizer)`` when given."""
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return optimizer_config(self.optimizer, self.parameters(), self.lr_scheduler, monitor="val/loss")

@@ -81,7 +81,36 @@ def decoder_flops(seq_lens: Sequence[int], **dims: Any) -> float:
     return float(sum(layer_flops(n, **dims) for n in seq_lens))
 
 
-class KeptTokenRatio(Metric):
+def _float64_sum(value: float | Tensor, device: torch.device) -> Tensor:
+    """``value`` summed in float64 on ``device`` (a number, or a tensor of per-sample values)."""
+    return torch.as_tensor(value, dtype=torch.float64, device=device).sum()
+
+
+def _saved_fraction(full: Tensor, pruned: Tensor) -> Tensor:
+    """``1 - pruned / full`` as float32; ``0`` when nothing was counted (``full == 0``)."""
+    if float(full) == 0.0:
+        return torch.tensor(0.0)
+    return (1.0 - pruned / full).float()
+
+
+class _SummedMetric(Metric):
+    """A metric whose states ``_sums`` are float64 scalars summed over updates and across DDP ranks."""
+
+    full_state_update = False
+    _sums: tuple[str, ...] = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in self._sums:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _accumulate(self, **values: float | Tensor) -> None:
+        """Add each value's sum to the state of the same name (in place, like ``state += x``)."""
+        for name, value in values.items():
+            getattr(self, name).add_(_float64_sum(value, self.device))
+
+
+class KeptTokenRatio(_SummedMetric):
     """Fraction of the compressible (image) tokens that survive: ``sum kept / sum span``.
 
     Example::
@@ -91,23 +120,17 @@ class KeptTokenRatio(Metric):
         0.1667
     """
 
-    full_state_update = False
     higher_is_better = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("kept", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    _sums = ("kept", "total")
 
     def update(self, kept: float | Tensor, total: float | Tensor) -> None:
-        self.kept += torch.as_tensor(kept, dtype=torch.float64, device=self.device).sum()
-        self.total += torch.as_tensor(total, dtype=torch.float64, device=self.device).sum()
+        self._accumulate(kept=kept, total=total)
 
     def compute(self) -> Tensor:
         return (self.kept / self.total.clamp_min(1.0)).float()
 
 
-class FLOPsSaved(Metric):
+class FLOPsSaved(_SummedMetric):
     """Estimated fraction of prefill FLOPs saved: ``1 - sum FLOPs(pruned) / sum FLOPs(full)``.
 
     Example::
@@ -117,22 +140,14 @@ class FLOPsSaved(Metric):
         0.6000000238418579
     """
 
-    full_state_update = False
     higher_is_better = True
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("full", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("pruned", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    _sums = ("full", "pruned")
 
     def update(self, full: float | Tensor, pruned: float | Tensor) -> None:
-        self.full += torch.as_tensor(full, dtype=torch.float64, device=self.device).sum()
-        self.pruned += torch.as_tensor(pruned, dtype=torch.float64, device=self.device).sum()
+        self._accumulate(full=full, pruned=pruned)
 
     def compute(self) -> Tensor:
-        if float(self.full) == 0.0:
-            return torch.tensor(0.0)
-        return (1.0 - self.pruned / self.full).float()
+        return _saved_fraction(self.full, self.pruned)
 
 
 def kv_cache_bytes(seq_lens: Sequence[int], num_kv_heads: int, head_dim: int, element_size: int) -> int:
@@ -149,7 +164,7 @@ def kv_cache_bytes(seq_lens: Sequence[int], num_kv_heads: int, head_dim: int, el
     return int(2 * num_kv_heads * head_dim * element_size * sum(seq_lens))
 
 
-class KVCacheSaved(Metric):
+class KVCacheSaved(_SummedMetric):
     """KV-cache memory saved by pruning: :meth:`compute` is the mean number of bytes saved per sequence;
     :meth:`ratio` the fraction of the unpruned cache saved.
 
@@ -160,30 +175,20 @@ class KVCacheSaved(Metric):
         (300.0, 0.6)
     """
 
-    full_state_update = False
     higher_is_better = True
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("full", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("pruned", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sequences", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    _sums = ("full", "pruned", "sequences")
 
     def update(self, full: float | Tensor, pruned: float | Tensor, sequences: int | Tensor) -> None:
-        self.full += torch.as_tensor(full, dtype=torch.float64, device=self.device).sum()
-        self.pruned += torch.as_tensor(pruned, dtype=torch.float64, device=self.device).sum()
-        self.sequences += torch.as_tensor(sequences, dtype=torch.float64, device=self.device).sum()
+        self._accumulate(full=full, pruned=pruned, sequences=sequences)
 
     def compute(self) -> Tensor:
         return ((self.full - self.pruned) / self.sequences.clamp_min(1.0)).float()
 
     def ratio(self) -> Tensor:
-        if float(self.full) == 0.0:
-            return torch.tensor(0.0)
-        return (1.0 - self.pruned / self.full).float()
+        return _saved_fraction(self.full, self.pruned)
 
 
-class PrefillLatency(Metric):
+class PrefillLatency(_SummedMetric):
     """Mean prefill latency in milliseconds.
 
     Example::
@@ -193,13 +198,8 @@ class PrefillLatency(Metric):
         15.0
     """
 
-    full_state_update = False
     higher_is_better = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total_ms", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    _sums = ("total_ms", "count")
 
     def update(self, ms: float | Tensor) -> None:
         ms = torch.as_tensor(ms, dtype=torch.float64, device=self.device).reshape(-1)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_eff.distill.reference import reinitialized
+from lightning_eff.distill.reference import real_training_tensors, reinitialized
 from lightning_eff.utils.checks import check_float, check_int
 from lightning_eff.utils.hparams import net_config
 from lightning_eff.utils.io import load_versioned, save_versioned
@@ -251,11 +251,8 @@ def pretrain_feature_networks(
         dsa = None
     cutmixer = CutMix(beta=1.0, prob=float(cutmix)) if cutmix > 0 else None
     device = torch.device(device) if device is not None else torch.device("cpu")
-    datamodule.setup("fit")
-    images = torch.cat([datamodule.class_images(c) for c in range(datamodule.num_classes)]).to(device)
-    labels = torch.cat(
-        [torch.full((len(datamodule.class_indices(c)),), c) for c in range(datamodule.num_classes)]
-    ).to(device)
+    images, labels = real_training_tensors(datamodule)
+    images, labels = images.to(device), labels.to(device)
     test_x, test_y = load_test_tensors(datamodule)
     milestones = [2 * epochs // 3, 5 * epochs // 6]
     inits, trained, accs = [], [], []

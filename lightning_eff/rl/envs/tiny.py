@@ -129,11 +129,7 @@ class TinyCorridorEnv(gym.Env):
         self._walls = (lo, hi - 1)
         self.y = self.v = self.x = 0.0
         self.drift = 0.0
-        self.steps = 0
-        self.last_action = np.zeros(2, np.float32)
-        self.episode_return = 0.0
-        self.counts = {k: 0 for k in INFRACTION_KINDS}
-        self.events = {k: 0 for k in EVENT_KINDS}
+        self._reset_episode_counters()
 
     @property
     def target_speed(self) -> float:
@@ -190,6 +186,14 @@ class TinyCorridorEnv(gym.Env):
         info.update({k: float(v) for k, v in self.events.items()})
         return info
 
+    def _reset_episode_counters(self) -> None:
+        """Step count, last action, return and the infraction/event counts of a fresh episode."""
+        self.steps = 0
+        self.last_action = np.zeros(2, np.float32)
+        self.episode_return = 0.0
+        self.counts = {k: 0 for k in INFRACTION_KINDS}
+        self.events = {k: 0 for k in EVENT_KINDS}
+
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         scenario = (options or {}).get("scenario") or self.scenarios[0]
@@ -201,11 +205,7 @@ class TinyCorridorEnv(gym.Env):
         self.v = float(rng.uniform(0.0, 0.5)) * self.target_speed
         self.drift = self.drift_size * (1.0 if rng.random() < 0.5 else -1.0)
         self.x = 0.0
-        self.steps = 0
-        self.last_action = np.zeros(2, np.float32)
-        self.episode_return = 0.0
-        self.counts = {k: 0 for k in INFRACTION_KINDS}
-        self.events = {k: 0 for k in EVENT_KINDS}
+        self._reset_episode_counters()
         return self._obs(), self._info()
 
     def step(self, action):
