@@ -275,15 +275,21 @@ def make_eval_env(args):
 
 
 def env_kwargs(args) -> dict:
-    return {"bev_size": args.bev_size, "resolution": args.resolution, "ego_row": args.ego_row}
+    kw = {"bev_size": args.bev_size, "resolution": args.resolution, "ego_row": args.ego_row}
+    if args.lateral_resolution:
+        kw["lateral_resolution"] = args.lateral_resolution
+    return kw
 
 
 def suites(args) -> tuple[list, list, list]:
     from lightning_eff.rl.data import EVAL_SEED_OFFSET
 
-    test = [(s, EVAL_SEED_OFFSET + i) for s in args.eval_scenarios for i in range(args.eval_episodes)]
-    curve = [(s, EVAL_SEED_OFFSET + i) for s in args.eval_scenarios for i in range(args.curve_episodes)]
-    val = [(s, EVAL_SEED_OFFSET + 100_000 + i) for s in args.eval_scenarios for i in range(args.val_episodes)]
+    val_offset = EVAL_SEED_OFFSET + 100_000
+    # --suite validation: a probe for design choices, scored on validation seeds only (never the test seeds)
+    offset = val_offset if args.suite == "validation" else EVAL_SEED_OFFSET
+    test = [(s, offset + i) for s in args.eval_scenarios for i in range(args.eval_episodes)]
+    curve = [(s, offset + i) for s in args.eval_scenarios for i in range(args.curve_episodes)]
+    val = [(s, val_offset + i) for s in args.eval_scenarios for i in range(args.val_episodes)]
     return test, curve, val
 
 
@@ -359,8 +365,9 @@ def run_ppo(args, state: dict, save) -> dict:
         model = PPO.load(ckpt, env=venv, device="cpu")
         print(f"  resumed PPO at {model.num_timesteps} env steps from {ckpt}", flush=True)
     else:
-        model = PPO("MultiInputPolicy", venv, n_steps=args.ppo_n_steps, batch_size=64, n_epochs=10, learning_rate=3e-4,
-                    gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, seed=args.seed, device="cpu", verbose=0,
+        model = PPO("MultiInputPolicy", venv, n_steps=args.ppo_n_steps, batch_size=args.ppo_batch_size, n_epochs=10,
+                    learning_rate=3e-4, gamma=args.ppo_gamma, gae_lambda=0.95, clip_range=0.2,
+                    ent_coef=args.ppo_ent_coef, seed=args.seed, device="cpu", verbose=0,
                     policy_kwargs={"features_extractor_class": BEVExtractor, "normalize_images": False})
     start = time.perf_counter() - state.get("train_wall_s", 0.0)
 
@@ -418,7 +425,8 @@ def run_think2drive(args, state: dict, save) -> dict:
         reset_every = max(expected_updates // 2, 1)
     dm = DrivingDataModule(
         scenarios=args.train_scenarios, eval_scenarios=args.eval_scenarios, bev_size=args.bev_size,
-        resolution=args.resolution, env_kwargs={"ego_row": args.ego_row}, num_envs=args.num_envs,
+        resolution=args.resolution,
+        env_kwargs={k: v for k, v in env_kwargs(args).items() if k not in ("bev_size", "resolution")}, num_envs=args.num_envs,
         parallel=args.num_envs > 1, batch_size=args.batch_size, sequence_length=args.sequence_length,
         train_ratio=args.train_ratio, replay_capacity=args.replay_capacity or max(args.env_steps + 1000, 4096),
         prefill_steps=args.prefill,
@@ -513,6 +521,9 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=20, help="held-out test episodes per scenario")
     p.add_argument("--curve-episodes", type=int, default=5, help="held-out episodes per scenario at each curve point")
     p.add_argument("--val-episodes", type=int, default=5, help="validation episodes per scenario (constant scan)")
+    p.add_argument("--suite", choices=["test", "validation"], default="test",
+                   help="seeds of the curve and of the final evaluation: the held-out test seeds 2**31 + i, or "
+                        "(a probe for design choices) the validation seeds 2**31 + 100000 + i")
     p.add_argument("--constant-scan", default=None, help="JSON of benchmarks/rl_constant.py to take the action from")
     p.add_argument("--num-envs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
@@ -529,7 +540,13 @@ def main() -> None:
     p.add_argument("--bev-size", type=int, default=32)
     p.add_argument("--resolution", type=float, default=3.0)
     p.add_argument("--ego-row", type=float, default=26.0, help="BEV row of the ego (26 of 32 at 3 m/px: 78 m ahead)")
+    p.add_argument("--lateral-resolution", type=float, default=1.0,
+                   help="metres per BEV column (0: --resolution, square pixels); 1 m resolves the lane offset")
     p.add_argument("--ppo-n-steps", type=int, default=512, help="PPO rollout length per environment")
+    p.add_argument("--ppo-batch-size", type=int, default=64)
+    p.add_argument("--ppo-gamma", type=float, default=0.99)
+    p.add_argument("--ppo-ent-coef", type=float, default=0.01,
+                   help="PPO entropy bonus (0.0 in the runs before rl_cpu_v2: PPO collapsed to one action)")
     p.add_argument("--train-scenarios", nargs="+", default=["highway", "merge"])
     p.add_argument("--eval-scenarios", nargs="+", default=["highway", "merge"])
     p.add_argument("--seed", type=int, default=0)
@@ -557,7 +574,8 @@ def main() -> None:
     print(f"  torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(f"  model {args.model}: {model_kwargs(args)}")
     print(f"  BEV {args.bev_size}x{args.bev_size} at {args.resolution} m/px, ego row {args.ego_row}: "
-          f"{args.ego_row * args.resolution:.0f} m ahead, {(args.bev_size - args.ego_row) * args.resolution:.0f} m behind")
+          f"{args.ego_row * args.resolution:.0f} m ahead, {(args.bev_size - args.ego_row) * args.resolution:.0f} m behind; "
+          f"{args.lateral_resolution or args.resolution} m per column")
     print(f"  training: {args.env_steps} env steps on {args.train_scenarios} ({args.num_envs} envs) for Think2Drive "
           f"and for PPO; T2D batch {args.batch_size}x{args.sequence_length}, train ratio {args.train_ratio}, planner "
           f"ratio 1 -> {args.planner_ratio}, prefill {args.prefill}, warm-up {args.warmup} on highway_easy")
