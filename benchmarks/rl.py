@@ -114,13 +114,17 @@ def bench_envs(scenarios: list[str], rounds: int, steps: int, num_envs: int) -> 
     t = time.perf_counter()
     n = 0
     for _ in range(max(steps // 2, 10)):
-        venv.step(rng.integers(35, size=num_envs))
+        venv.step(rng.integers(int(venv.single_action_space.n), size=num_envs))
         n += num_envs
     rows.append({"scenario": f"vector x{num_envs} ({'+'.join(scenarios)})", "ours": n / (time.perf_counter() - t),
                  "stock": float("nan")})
     venv.close()
     return rows
 
+
+
+DEFAULT_ACCELERATIONS = (-1.0, -0.4, 0.0, 0.4, 1.0)
+DEFAULT_STEERINGS = (-1.0, -0.3, -0.08, 0.0, 0.08, 0.3, 1.0)
 
 
 def small_model_kwargs(bev_size: int) -> dict:
@@ -137,6 +141,7 @@ def paper_model_kwargs(bev_size: int) -> dict:
 
 def model_kwargs(args) -> dict:
     kw = (paper_model_kwargs if args.model == "paper" else small_model_kwargs)(args.bev_size)
+    kw["num_actions"] = len(args.accelerations) * len(args.steerings)
     if args.bins:
         kw["bins"] = args.bins
     if args.imagine_last:
@@ -276,6 +281,10 @@ def make_eval_env(args):
 
 def env_kwargs(args) -> dict:
     kw = {"bev_size": args.bev_size, "resolution": args.resolution, "ego_row": args.ego_row}
+    if (tuple(args.accelerations), tuple(args.steerings)) != (DEFAULT_ACCELERATIONS, DEFAULT_STEERINGS):
+        from lightning_eff.rl.envs import default_action_table
+
+        kw["action_table"] = default_action_table(args.accelerations, args.steerings).tolist()
     if args.lateral_resolution:
         kw["lateral_resolution"] = args.lateral_resolution
     return kw
@@ -359,6 +368,14 @@ def run_ppo(args, state: dict, save) -> dict:
            for _ in range(args.num_envs)]
     venv = DummyVecEnv(fns)
     venv.seed(args.seed)
+    if args.ppo_normalize_reward:
+        # rewards scaled by a running std of the discounted return (SB3's VecNormalize): the value loss of
+        # returns of ~100 and crashes of -30 otherwise dominates the features extractor shared with the policy
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        stats = work / "ppo_vecnormalize.pkl"
+        venv = VecNormalize.load(str(stats), venv) if stats.exists() and ckpt.exists() else VecNormalize(
+            venv, norm_obs=False, norm_reward=True, gamma=args.ppo_gamma)
     eval_env = make_eval_env(args)
     curve = state.setdefault("curve", [])
     if ckpt.exists():
@@ -388,6 +405,9 @@ def run_ppo(args, state: dict, save) -> dict:
                       f"coll {row['collision']:.2f}  return {row['return']:7.1f}  top action "
                       f"{row['top_action_fraction']:.2f}  [{row['wall_s'] / 60:.1f} min]", flush=True)
                 self.model.save(ckpt)
+                self.model.save(work / f"ppo_{self.num_timesteps}.zip")  # PPO at equal steps to a shorter run
+                if args.ppo_normalize_reward:
+                    venv.save(str(work / "ppo_vecnormalize.pkl"))
                 state["train_wall_s"] = time.perf_counter() - start
                 save()
             return True
@@ -396,6 +416,8 @@ def run_ppo(args, state: dict, save) -> dict:
     if remaining > 0:
         model.learn(remaining, callback=Curve(), reset_num_timesteps=False)
         model.save(ckpt)
+        if args.ppo_normalize_reward:
+            venv.save(str(work / "ppo_vecnormalize.pkl"))
     state["train_wall_s"] = time.perf_counter() - start
     state["env_steps"] = int(model.num_timesteps)
     state["greedy"] = evaluate(eval_env, greedy(model), test)
@@ -544,6 +566,12 @@ def main() -> None:
                    help="metres per BEV column (0: --resolution, square pixels); 1 m resolves the lane offset")
     p.add_argument("--ppo-n-steps", type=int, default=512, help="PPO rollout length per environment")
     p.add_argument("--ppo-batch-size", type=int, default=64)
+    p.add_argument("--ppo-normalize-reward", type=int, default=1, choices=[0, 1],
+                   help="1: SB3 VecNormalize(norm_reward=True) (0 in the runs before rl_cpu_v2)")
+    p.add_argument("--accelerations", nargs="+", type=float, default=list(DEFAULT_ACCELERATIONS),
+                   help="action table: normalised accelerations (x --steerings)")
+    p.add_argument("--steerings", nargs="+", type=float, default=list(DEFAULT_STEERINGS),
+                   help="action table: normalised steerings (default: the 35-action table)")
     p.add_argument("--ppo-gamma", type=float, default=0.99)
     p.add_argument("--ppo-ent-coef", type=float, default=0.01,
                    help="PPO entropy bonus (0.0 in the runs before rl_cpu_v2: PPO collapsed to one action)")
@@ -579,8 +607,11 @@ def main() -> None:
     print(f"  training: {args.env_steps} env steps on {args.train_scenarios} ({args.num_envs} envs) for Think2Drive "
           f"and for PPO; T2D batch {args.batch_size}x{args.sequence_length}, train ratio {args.train_ratio}, planner "
           f"ratio 1 -> {args.planner_ratio}, prefill {args.prefill}, warm-up {args.warmup} on highway_easy")
-    print(f"  held-out suite: {args.eval_episodes} episodes x {args.eval_scenarios}, seeds 2**31 + i (never trained "
-          f"on); curve: first {args.curve_episodes} per scenario every {args.eval_every} env steps; greedy and sampled")
+    seeds = ("VALIDATION seeds 2**31 + 100000 + i (a probe)" if args.suite == "validation"
+             else "seeds 2**31 + i (never trained on)")
+    print(f"  action table: {len(args.accelerations)} accelerations {args.accelerations} x {len(args.steerings)} "
+          f"steerings {args.steerings}; PPO ent_coef {args.ppo_ent_coef}, reward normalisation {args.ppo_normalize_reward}")
+    print(f"  evaluation suite: {args.eval_episodes} episodes x {args.eval_scenarios}, {seeds}; curve: first {args.curve_episodes} per scenario every {args.eval_every} env steps; greedy and sampled")
     print("  driving score: CARLA leaderboard 2.0 penalties incl. min speed and scenario time-out (0.7 each); "
           "DS_lb1 = the 1.0 set")
 
