@@ -248,6 +248,78 @@ def run_bc(args, env) -> dict:
     return {"rounds": rounds, "final": rounds[-1]["val"]}
 
 
+def run_world_model(args) -> dict:
+    """Does the trained agent's world model foresee what a constant action does?
+
+    From the first observation of each validation episode, the agent's world model imagines ``--wm-horizon``
+    steps of each constant action (open loop: the same action at every step) and predicts their reward sum
+    and the probability that the episode is still running; the simulator then drives the same action from
+    the same reset. An actor trained in imagination exploits the actions whose predicted value exceeds their
+    real one.
+    """
+    import torch.nn.functional as F
+
+    from lightning_eff.rl import load_agent
+    from lightning_eff.rl.dreamer.functional import symexp, twohot_decode
+    from lightning_eff.rl.envs import make_env
+
+    policy, env_kwargs = load_agent(args.agent)
+    model = policy.module
+    env = make_env(policy.env_name, scenarios=args.scenarios, **env_kwargs)
+    n_act = len(env.action_table)
+    h = args.wm_horizon
+    pred_sum = np.zeros((n_act,))
+    pred_alive = np.zeros((n_act,))
+    real_sum = np.zeros((n_act,))
+    real_alive = np.zeros((n_act,))
+    episodes = [(s, VAL_SEED_OFFSET + i) for s in args.scenarios for i in range(args.episodes)]
+    for scenario, seed in episodes:
+        obs, _ = env.reset(seed=seed, options={"scenario": scenario})
+        with torch.no_grad():
+            bev, vec = model._obs_tensors(obs["bev"][None], obs["vec"][None])
+            latent = model.rssm.observe_step(model.rssm.initial(1, model.device),
+                                             torch.zeros(1, n_act), model.encoder(bev, vec), sample=False)
+            state = type(latent)(*(x.expand(n_act, *x.shape[1:]) for x in (latent.deter, latent.stoch, latent.logits)))
+            alive = torch.ones(n_act)
+            total = torch.zeros(n_act)
+            actions = torch.arange(n_act)
+            for _ in range(h):
+                state = model.rssm.imagine_step(state, actions, sample=False)
+                feat = state.feat()
+                reward = symexp(twohot_decode(model.reward_head(feat).softmax(-1), model.bins))
+                total += alive * reward
+                alive = alive * torch.sigmoid(model.continue_head(feat).squeeze(-1))
+        pred_sum += total.numpy() / len(episodes)
+        pred_alive += alive.numpy() / len(episodes)
+        for a in range(n_act):
+            env.reset(seed=seed, options={"scenario": scenario})
+            ret, done = 0.0, False
+            for _ in range(h):
+                _, r, term, trunc, _ = env.step(a)
+                ret += r
+                if term or trunc:
+                    done = True
+                    break
+            real_sum[a] += ret / len(episodes)
+            real_alive[a] += (not done) / len(episodes)
+    del F
+    rank_pred = np.argsort(-pred_sum)
+    rows = [{"action": int(a), "command": env.action_table[a].tolist(), "pred_reward_sum": float(pred_sum[a]),
+             "real_reward_sum": float(real_sum[a]), "pred_alive": float(pred_alive[a]),
+             "real_alive": float(real_alive[a])} for a in range(n_act)]
+    corr = float(np.corrcoef(pred_sum, real_sum)[0, 1])
+    print(f"  agent {args.agent}: {model.wm_updates} world-model updates; {h}-step open-loop constant actions, "
+          f"{len(episodes)} validation starts; corr(predicted, real reward sum) {corr:.2f}")
+    for a in rank_pred[:5]:
+        r = rows[a]
+        print(f"  predicted best: action {a} {np.round(r['command'], 2).tolist()}: predicted {r['pred_reward_sum']:.1f} "
+              f"(alive {r['pred_alive']:.2f}), real {r['real_reward_sum']:.1f} (alive {r['real_alive']:.2f})")
+    best_real = int(np.argmax(real_sum))
+    print(f"  real best: action {best_real}: real {real_sum[best_real]:.1f}, predicted {pred_sum[best_real]:.1f}")
+    return {"agent": args.agent, "wm_updates": int(model.wm_updates), "horizon": h, "starts": len(episodes),
+            "corr_pred_real": corr, "actions": rows}
+
+
 class _Greedy:
     def __init__(self, net):
         self.net = net
@@ -259,7 +331,7 @@ class _Greedy:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["returns"], choices=["returns", "bc"])
+    p.add_argument("--parts", nargs="+", default=["returns"], choices=["returns", "bc", "wm"])
     p.add_argument("--scenarios", nargs="+", default=["highway", "merge"])
     p.add_argument("--episodes", type=int, default=5, help="validation episodes per scenario")
     p.add_argument("--gammas", nargs="+", type=float, default=[0.997, 0.99])
@@ -272,6 +344,8 @@ def main() -> None:
     p.add_argument("--bc-steps", type=int, default=6000, help="transitions labelled by IDM over all BC rounds")
     p.add_argument("--bc-rounds", type=int, default=3, help="DAgger rounds (the first one is driven by IDM)")
     p.add_argument("--bc-grad-steps", type=int, default=600, help="gradient steps (batch 64) over all rounds")
+    p.add_argument("--agent", default="benchmarks/results/think2drive_cpu.ckpt", help="agent of the wm part")
+    p.add_argument("--wm-horizon", type=int, default=15, help="imagined steps (Think2Drive's horizon)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -291,6 +365,9 @@ def main() -> None:
         print(f"\n[bc] DAgger behaviour cloning of IDM (snapped to the table), {args.bc_steps} transitions, "
               f"{args.bc_grad_steps} gradient steps of batch 64")
         results["bc"] = run_bc(args, env)
+    if "wm" in args.parts:
+        print("\n[wm] the agent's world model against the simulator, constant actions")
+        results["wm"] = run_world_model(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=float)
