@@ -143,6 +143,8 @@ def run_returns(args, env) -> dict:
     }
     for a in args.constants:
         policies[f"constant_{a}"] = ConstantPolicy(a)
+    if args.policies:
+        policies = {k: v for k, v in policies.items() if k in args.policies}
     out = {}
     for name, pol in policies.items():
         t = time.perf_counter()
@@ -335,12 +337,15 @@ def main() -> None:
     p.add_argument("--scenarios", nargs="+", default=["highway", "merge"])
     p.add_argument("--episodes", type=int, default=5, help="validation episodes per scenario")
     p.add_argument("--gammas", nargs="+", type=float, default=[0.997, 0.99])
-    p.add_argument("--constants", nargs="+", type=int, default=[17, 10, 9],
+    p.add_argument("--constants", nargs="*", type=int, default=[17, 10, 9],
                    help="constant actions to score (17: coast straight, 10: brake gently, 9: PPO's collapse)")
     p.add_argument("--bev-size", type=int, default=32)
     p.add_argument("--resolution", type=float, default=3.0)
     p.add_argument("--ego-row", type=float, default=26.0)
     p.add_argument("--env-kwargs", default="{}", help="extra HighwayBEVEnv keyword arguments (JSON)")
+    p.add_argument("--policies", nargs="*", default=[], help="returns part: only these drivers (default: all)")
+    p.add_argument("--steerings", nargs="*", type=float, default=[],
+                   help="action table's steerings (x the default 5 accelerations; default: the 35-action table)")
     p.add_argument("--bc-steps", type=int, default=6000, help="transitions labelled by IDM over all BC rounds")
     p.add_argument("--bc-rounds", type=int, default=3, help="DAgger rounds (the first one is driven by IDM)")
     p.add_argument("--bc-grad-steps", type=int, default=600, help="gradient steps (batch 64) over all rounds")
@@ -354,6 +359,10 @@ def main() -> None:
 
     kw = {"bev_size": args.bev_size, "resolution": args.resolution, "ego_row": args.ego_row,
           **json.loads(args.env_kwargs)}
+    if args.steerings:
+        from lightning_eff.rl.envs import default_action_table
+
+        kw["action_table"] = default_action_table(steerings=args.steerings).tolist()
     env = HighwayBEVEnv(args.scenarios, **kw)
     print(f"Think2Drive diagnosis on validation seeds 2**31 + 100000 + i ({args.episodes} per scenario of "
           f"{args.scenarios}); env {kw}; reward {env.reward_weights}")
