@@ -108,13 +108,17 @@ def bench_envs(scenarios: list[str], rounds: int, steps: int, num_envs: int) -> 
     t = time.perf_counter()
     n = 0
     for _ in range(max(steps // 2, 10)):
-        venv.step(rng.integers(35, size=num_envs))
+        venv.step(rng.integers(int(venv.single_action_space.n), size=num_envs))
         n += num_envs
     rows.append({"scenario": f"vector x{num_envs} ({'+'.join(scenarios)})", "ours": n / (time.perf_counter() - t),
                  "stock": float("nan")})
     venv.close()
     return rows
 
+
+
+DEFAULT_ACCELERATIONS = (-1.0, -0.4, 0.0, 0.4, 1.0)
+DEFAULT_STEERINGS = (-1.0, -0.3, -0.08, 0.0, 0.08, 0.3, 1.0)
 
 
 def small_model_kwargs(bev_size: int) -> dict:
@@ -131,6 +135,7 @@ def paper_model_kwargs(bev_size: int) -> dict:
 
 def model_kwargs(args) -> dict:
     kw = (paper_model_kwargs if args.model == "paper" else small_model_kwargs)(args.bev_size)
+    kw["num_actions"] = len(args.accelerations) * len(args.steerings)
     if args.bins:
         kw["bins"] = args.bins
     if args.imagine_last:
@@ -269,15 +274,25 @@ def make_eval_env(args):
 
 
 def env_kwargs(args) -> dict:
-    return {"bev_size": args.bev_size, "resolution": args.resolution, "ego_row": args.ego_row}
+    kw = {"bev_size": args.bev_size, "resolution": args.resolution, "ego_row": args.ego_row}
+    if (tuple(args.accelerations), tuple(args.steerings)) != (DEFAULT_ACCELERATIONS, DEFAULT_STEERINGS):
+        from lightning_eff.rl.envs import default_action_table
+
+        kw["action_table"] = default_action_table(args.accelerations, args.steerings).tolist()
+    if args.lateral_resolution:
+        kw["lateral_resolution"] = args.lateral_resolution
+    return kw
 
 
 def suites(args) -> tuple[list, list, list]:
     from lightning_eff.rl.data import EVAL_SEED_OFFSET
 
-    test = [(s, EVAL_SEED_OFFSET + i) for s in args.eval_scenarios for i in range(args.eval_episodes)]
-    curve = [(s, EVAL_SEED_OFFSET + i) for s in args.eval_scenarios for i in range(args.curve_episodes)]
-    val = [(s, EVAL_SEED_OFFSET + 100_000 + i) for s in args.eval_scenarios for i in range(args.val_episodes)]
+    val_offset = EVAL_SEED_OFFSET + 100_000
+    # --suite validation: a probe for design choices, scored on validation seeds only (never the test seeds)
+    offset = val_offset if args.suite == "validation" else EVAL_SEED_OFFSET
+    test = [(s, offset + i) for s in args.eval_scenarios for i in range(args.eval_episodes)]
+    curve = [(s, offset + i) for s in args.eval_scenarios for i in range(args.curve_episodes)]
+    val = [(s, val_offset + i) for s in args.eval_scenarios for i in range(args.val_episodes)]
     return test, curve, val
 
 
@@ -347,14 +362,23 @@ def run_ppo(args, state: dict, save) -> dict:
            for _ in range(args.num_envs)]
     venv = DummyVecEnv(fns)
     venv.seed(args.seed)
+    if args.ppo_normalize_reward:
+        # rewards scaled by a running std of the discounted return (SB3's VecNormalize): the value loss of
+        # returns of ~100 and crashes of -30 otherwise dominates the features extractor shared with the policy
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        stats = work / "ppo_vecnormalize.pkl"
+        venv = VecNormalize.load(str(stats), venv) if stats.exists() and ckpt.exists() else VecNormalize(
+            venv, norm_obs=False, norm_reward=True, gamma=args.ppo_gamma)
     eval_env = make_eval_env(args)
     curve = state.setdefault("curve", [])
     if ckpt.exists():
         model = PPO.load(ckpt, env=venv, device="cpu")
         print(f"  resumed PPO at {model.num_timesteps} env steps from {ckpt}", flush=True)
     else:
-        model = PPO("MultiInputPolicy", venv, n_steps=args.ppo_n_steps, batch_size=64, n_epochs=10, learning_rate=3e-4,
-                    gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, seed=args.seed, device="cpu", verbose=0,
+        model = PPO("MultiInputPolicy", venv, n_steps=args.ppo_n_steps, batch_size=args.ppo_batch_size, n_epochs=10,
+                    learning_rate=3e-4, gamma=args.ppo_gamma, gae_lambda=0.95, clip_range=0.2,
+                    ent_coef=args.ppo_ent_coef, seed=args.seed, device="cpu", verbose=0,
                     policy_kwargs={"features_extractor_class": BEVExtractor, "normalize_images": False})
     start = time.perf_counter() - state.get("train_wall_s", 0.0)
 
@@ -375,6 +399,9 @@ def run_ppo(args, state: dict, save) -> dict:
                       f"coll {row['collision']:.2f}  return {row['return']:7.1f}  top action "
                       f"{row['top_action_fraction']:.2f}  [{row['wall_s'] / 60:.1f} min]", flush=True)
                 self.model.save(ckpt)
+                self.model.save(work / f"ppo_{self.num_timesteps}.zip")  # PPO at equal steps to a shorter run
+                if args.ppo_normalize_reward:
+                    venv.save(str(work / "ppo_vecnormalize.pkl"))
                 state["train_wall_s"] = time.perf_counter() - start
                 save()
             return True
@@ -383,6 +410,8 @@ def run_ppo(args, state: dict, save) -> dict:
     if remaining > 0:
         model.learn(remaining, callback=Curve(), reset_num_timesteps=False)
         model.save(ckpt)
+        if args.ppo_normalize_reward:
+            venv.save(str(work / "ppo_vecnormalize.pkl"))
     state["train_wall_s"] = time.perf_counter() - start
     state["env_steps"] = int(model.num_timesteps)
     state["greedy"] = evaluate(eval_env, greedy(model), test)
@@ -412,7 +441,8 @@ def run_think2drive(args, state: dict, save) -> dict:
         reset_every = max(expected_updates // 2, 1)
     dm = DrivingDataModule(
         scenarios=args.train_scenarios, eval_scenarios=args.eval_scenarios, bev_size=args.bev_size,
-        resolution=args.resolution, env_kwargs={"ego_row": args.ego_row}, num_envs=args.num_envs,
+        resolution=args.resolution,
+        env_kwargs={k: v for k, v in env_kwargs(args).items() if k not in ("bev_size", "resolution")}, num_envs=args.num_envs,
         parallel=args.num_envs > 1, batch_size=args.batch_size, sequence_length=args.sequence_length,
         train_ratio=args.train_ratio, replay_capacity=args.replay_capacity or max(args.env_steps + 1000, 4096),
         prefill_steps=args.prefill,
@@ -507,6 +537,9 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=20, help="held-out test episodes per scenario")
     p.add_argument("--curve-episodes", type=int, default=5, help="held-out episodes per scenario at each curve point")
     p.add_argument("--val-episodes", type=int, default=5, help="validation episodes per scenario (constant scan)")
+    p.add_argument("--suite", choices=["test", "validation"], default="test",
+                   help="seeds of the curve and of the final evaluation: the held-out test seeds 2**31 + i, or "
+                        "(a probe for design choices) the validation seeds 2**31 + 100000 + i")
     p.add_argument("--constant-scan", default=None, help="JSON of benchmarks/rl_constant.py to take the action from")
     p.add_argument("--num-envs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
@@ -523,7 +556,19 @@ def main() -> None:
     p.add_argument("--bev-size", type=int, default=32)
     p.add_argument("--resolution", type=float, default=3.0)
     p.add_argument("--ego-row", type=float, default=26.0, help="BEV row of the ego (26 of 32 at 3 m/px: 78 m ahead)")
+    p.add_argument("--lateral-resolution", type=float, default=1.0,
+                   help="metres per BEV column (0: --resolution, square pixels); 1 m resolves the lane offset")
     p.add_argument("--ppo-n-steps", type=int, default=512, help="PPO rollout length per environment")
+    p.add_argument("--ppo-batch-size", type=int, default=64)
+    p.add_argument("--ppo-normalize-reward", type=int, default=1, choices=[0, 1],
+                   help="1: SB3 VecNormalize(norm_reward=True) (0 in the runs before rl_cpu_v2)")
+    p.add_argument("--accelerations", nargs="+", type=float, default=list(DEFAULT_ACCELERATIONS),
+                   help="action table: normalised accelerations (x --steerings)")
+    p.add_argument("--steerings", nargs="+", type=float, default=list(DEFAULT_STEERINGS),
+                   help="action table: normalised steerings (default: the 35-action table)")
+    p.add_argument("--ppo-gamma", type=float, default=0.99)
+    p.add_argument("--ppo-ent-coef", type=float, default=0.01,
+                   help="PPO entropy bonus (0.0 in the runs before rl_cpu_v2: PPO collapsed to one action)")
     p.add_argument("--train-scenarios", nargs="+", default=["highway", "merge"])
     p.add_argument("--eval-scenarios", nargs="+", default=["highway", "merge"])
     p.add_argument("--seed", type=int, default=0)
@@ -551,12 +596,16 @@ def main() -> None:
     print(f"  torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(f"  model {args.model}: {model_kwargs(args)}")
     print(f"  BEV {args.bev_size}x{args.bev_size} at {args.resolution} m/px, ego row {args.ego_row}: "
-          f"{args.ego_row * args.resolution:.0f} m ahead, {(args.bev_size - args.ego_row) * args.resolution:.0f} m behind")
+          f"{args.ego_row * args.resolution:.0f} m ahead, {(args.bev_size - args.ego_row) * args.resolution:.0f} m behind; "
+          f"{args.lateral_resolution or args.resolution} m per column")
     print(f"  training: {args.env_steps} env steps on {args.train_scenarios} ({args.num_envs} envs) for Think2Drive "
           f"and for PPO; T2D batch {args.batch_size}x{args.sequence_length}, train ratio {args.train_ratio}, planner "
           f"ratio 1 -> {args.planner_ratio}, prefill {args.prefill}, warm-up {args.warmup} on highway_easy")
-    print(f"  held-out suite: {args.eval_episodes} episodes x {args.eval_scenarios}, seeds 2**31 + i (never trained "
-          f"on); curve: first {args.curve_episodes} per scenario every {args.eval_every} env steps; greedy and sampled")
+    seeds = ("VALIDATION seeds 2**31 + 100000 + i (a probe)" if args.suite == "validation"
+             else "seeds 2**31 + i (never trained on)")
+    print(f"  action table: {len(args.accelerations)} accelerations {args.accelerations} x {len(args.steerings)} "
+          f"steerings {args.steerings}; PPO ent_coef {args.ppo_ent_coef}, reward normalisation {args.ppo_normalize_reward}")
+    print(f"  evaluation suite: {args.eval_episodes} episodes x {args.eval_scenarios}, {seeds}; curve: first {args.curve_episodes} per scenario every {args.eval_every} env steps; greedy and sampled")
     print("  driving score: CARLA leaderboard 2.0 penalties incl. min speed and scenario time-out (0.7 each); "
           "DS_lb1 = the 1.0 set")
 

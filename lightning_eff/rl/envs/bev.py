@@ -212,7 +212,12 @@ class BEVRasterizer:
             image); the BEV sees ``ego_row * resolution`` metres ahead and ``(size - ego_row) * resolution``
             behind.
         line_width: drawn width of lane lines [m] (at least one pixel is always hit).
-        min_extent: smallest drawn length and width of a box [m] (default: ``resolution``, one pixel).
+        min_extent: smallest drawn length and width of a box [m] (default: one pixel, ``resolution`` long
+            and ``min(resolution, lateral_resolution)`` wide).
+        lateral_resolution: metres per pixel across (image columns; default ``resolution``, square
+            pixels). A finer lateral than longitudinal resolution sees far ahead at highway speed and
+            still resolves the ego's offset in its lane (a 4 m lane is 1.3 pixels wide at 3 m/pixel).
+            Lane lines are drawn at least one column wide.
 
     Example::
 
@@ -238,6 +243,7 @@ class BEVRasterizer:
         ego_row: float | None = None,
         line_width: float = 0.3,
         min_extent: float | None = None,
+        lateral_resolution: float | None = None,
     ) -> None:
         for name, value, low in (("size", size, 4), ("history", history, 1), ("history_stride", history_stride, 1)):
             check_int(value, name, minimum=low, owner="BEVRasterizer")
@@ -246,10 +252,19 @@ class BEVRasterizer:
         ego_row = size / 2 if ego_row is None else float(ego_row)
         if not 0 <= ego_row <= size:
             raise ValueError(f"BEVRasterizer: ego_row must be in [0, size={size}], got {ego_row!r}.")
+        if lateral_resolution is not None and not (
+            isinstance(lateral_resolution, (int, float)) and lateral_resolution > 0
+        ):
+            raise ValueError(
+                f"BEVRasterizer: lateral_resolution must be None or a positive number (m/pixel), got {lateral_resolution!r}."
+            )
         self.size, self.resolution = size, float(resolution)
+        self.lateral_resolution = self.resolution if lateral_resolution is None else float(lateral_resolution)
         self.history, self.history_stride = history, history_stride
         self.ego_row, self.line_width = ego_row, float(line_width)
         self.min_extent = self.resolution if min_extent is None else float(min_extent)
+        # boxes are at least one pixel long (along the ego's axis) and one column wide
+        self.min_width = min(self.min_extent, self.lateral_resolution) if min_extent is None else self.min_extent
         if not self.min_extent >= 0:
             raise ValueError(f"BEVRasterizer: min_extent must be >= 0 metres, got {min_extent!r}.")
         self.channels: tuple[str, ...] = self.STATIC_CHANNELS + tuple(
@@ -259,11 +274,11 @@ class BEVRasterizer:
         rows = np.arange(size, dtype=np.float64)
         cols = np.arange(size, dtype=np.float64)
         fwd = (ego_row - (rows + 0.5)) * self.resolution
-        rgt = (cols + 0.5 - size / 2) * self.resolution
+        rgt = (cols + 0.5 - size / 2) * self.lateral_resolution
         self._fwd = np.repeat(fwd, size)  # [N]
         self._rgt = np.tile(rgt, size)  # [N]
         corners = np.array([[fwd.max(), rgt.max()], [fwd.min(), rgt.min()]])
-        self.view_radius = float(np.abs(corners).max() * np.sqrt(2.0)) + self.resolution
+        self.view_radius = float(np.abs(corners).max() * np.sqrt(2.0)) + max(self.resolution, self.lateral_resolution)
 
     @property
     def frames_needed(self) -> int:
@@ -296,7 +311,7 @@ class BEVRasterizer:
         along = df * c + dr * s
         across = -df * s + dr * c
         half_len = np.maximum(boxes[:, 3:4], self.min_extent) / 2
-        half_wid = np.maximum(boxes[:, 4:5], self.min_extent) / 2
+        half_wid = np.maximum(boxes[:, 4:5], self.min_width) / 2
         inside = (np.abs(along) <= half_len) & (np.abs(across) <= half_wid)
         return inside.any(axis=0)
 
@@ -328,7 +343,7 @@ class BEVRasterizer:
         surface = (in_span & (np.abs(lat) <= hw[:, None])).any(axis=0)
         if not lines:
             return (surface,)
-        line_hw = max(self.line_width, self.resolution) / 2
+        line_hw = max(self.line_width, self.lateral_resolution) / 2
         solid = np.zeros(n, dtype=bool)
         broken = np.zeros(n, dtype=bool)
         lines_keep = seg.lines[keep]
@@ -354,12 +369,12 @@ class BEVRasterizer:
         ``bounds`` should cover every point the BEV can see during the episode (the route's extent
         plus :attr:`view_radius`); outside it the static layers read as empty.
         """
-        cell = self.resolution / 2 if cell is None else float(cell)
+        cell = min(self.resolution, self.lateral_resolution) / 2 if cell is None else float(cell)
         x0, y0, x1, y1 = (float(b) for b in bounds)
         nx = max(int(np.ceil((x1 - x0) / cell)), 1)
         ny = max(int(np.ceil((y1 - y0) / cell)), 1)
         layers = np.zeros((4, nx, ny), dtype=bool)
-        line_hw = max(self.line_width, self.resolution) / 2
+        line_hw = max(self.line_width, self.lateral_resolution) / 2
         eps = 0.5
         for seg, is_route in ((road, False), (route, True)):
             if seg is None:

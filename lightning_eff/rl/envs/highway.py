@@ -169,6 +169,9 @@ class HighwayBEVEnv(DrivingEnv):
         resolution: metres per BEV pixel.
         ego_row: BEV row of the ego's centre, in pixels from the top (default ``0.75 * bev_size``: three
             times more range ahead than behind; ``bev_size / 2`` centres the ego).
+        lateral_resolution: metres per BEV column (default ``resolution``). At 3 m/pixel a 4 m lane is 1.3
+            pixels wide and the ego's offset in its lane is invisible: behaviour cloning of IDM from the
+            observation then fails to keep the lane (``benchmarks/rl_diagnose.py``); 1 m/column resolves it.
         history: vehicle frames in the BEV (current + past).
         history_stride: policy steps between two history frames.
         action_table: ``[A, 2]`` normalised (acceleration, steering) pairs.
@@ -201,6 +204,7 @@ class HighwayBEVEnv(DrivingEnv):
         bev_size: int = 64,
         resolution: float = 1.0,
         ego_row: float | None = None,
+        lateral_resolution: float | None = None,
         history: int = 4,
         history_stride: int = 1,
         action_table: list[list[float]] | np.ndarray | None = None,
@@ -243,7 +247,8 @@ class HighwayBEVEnv(DrivingEnv):
         if ego_row is None:
             ego_row = 0.75 * bev_size
         self.rasterizer = BEVRasterizer(
-            size=bev_size, resolution=resolution, history=history, history_stride=history_stride, ego_row=ego_row
+            size=bev_size, resolution=resolution, history=history, history_stride=history_stride, ego_row=ego_row,
+            lateral_resolution=lateral_resolution,
         )
         self.bev_channels = self.rasterizer.channels
         self.bev_shape = (len(self.bev_channels), bev_size, bev_size)
