@@ -24,8 +24,8 @@ Protocol (printed at start; see ``lightning_eff.llm.icl_tasks`` for the task fam
 Settings were fixed before looking at test numbers; ``--choose-epochs`` picks the fine-tuning epochs from
 ``--epoch-grid`` by validation exact match of random-subset fine-tuning (validation only).
 
-    python benchmarks/data_whisperer.py --quick      # smoke run (a few minutes on 2 cores)
-    python benchmarks/data_whisperer.py              # the committed CPU run
+    python -m benchmarks.data_whisperer --quick      # smoke run (a few minutes on 2 cores)
+    python -m benchmarks.data_whisperer              # the committed CPU run
 """
 
 from __future__ import annotations

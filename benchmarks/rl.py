@@ -29,9 +29,9 @@ Every evaluation also reports the fraction of steps spent on the policy's most f
 
 Usage::
 
-    python benchmarks/rl.py --quick                      # smoke run, a few minutes
-    python benchmarks/rl.py --env-steps 12000 --out benchmarks/results/rl_cpu.json   # the README's CPU run
-    python benchmarks/rl.py --device cuda --num-envs 8 --env-steps 500000 --model paper --bev-size 128 \
+    python -m benchmarks.rl --quick                      # smoke run, a few minutes
+    python -m benchmarks.rl --env-steps 12000 --out benchmarks/results/rl_cpu.json   # the README's CPU run
+    python -m benchmarks.rl --device cuda --num-envs 8 --env-steps 500000 --model paper --bev-size 128 \
         --resolution 1.0 --ego-row 96 --train-ratio 128 --batch-size 16 --sequence-length 64   # GPU protocol
 """
 

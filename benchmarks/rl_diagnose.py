@@ -20,26 +20,18 @@ test seeds ``2**31 + i`` that ``benchmarks/rl.py`` reports):
 
 Usage::
 
-    python benchmarks/rl_diagnose.py --parts returns --out benchmarks/results/rl_diagnose_returns.json
-    python benchmarks/rl_diagnose.py --parts bc --out benchmarks/results/rl_diagnose_bc.json
+    python -m benchmarks.rl_diagnose --parts returns --out benchmarks/results/rl_diagnose_returns.json
+    python -m benchmarks.rl_diagnose --parts bc --out benchmarks/results/rl_diagnose_bc.json
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import json
+import time
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 VAL_SEED_OFFSET = 2**31 + 100_000
 TRAIN_SEED_OFFSET = 10_000  # training seeds of the BC data (the data module draws its own from args.seed)
