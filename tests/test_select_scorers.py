@@ -18,6 +18,7 @@ from lightning_eff.llm.icl_tasks import (
     icl_meta_training_records,
     icl_task_template,
     icl_task_tokenizer,
+    ideal_copier,
 )
 from lightning_eff.llm.metrics import extract_answer
 from lightning_eff.select import (
@@ -193,16 +194,6 @@ def test_matched_queries_ask_the_key_of_every_demonstration():
         plan_prompts(41, 5, 3, num_query_records=30, demo_keys=dk[:-1], query_keys=qk)
 
 
-def _copier(texts, n_answers):
-    """An ideal in-context learner: answers each query with the value its prompt's demonstrations give its key."""
-    out = []
-    for text in texts:
-        shown = dict(re.findall(r"Code of (\w)\? \w(\d) ####", text))
-        qs = re.findall(r"Q\d+: Code of (\w)\?", text)
-        out.append("".join(f"Q{k}: #### {shown.get(q, '-1')}\n" for k, q in enumerate(qs, 1)))
-    return out
-
-
 def _auroc(scores, clean):
     pairs = (scores[clean][:, None] > scores[~clean][None, :]).double()
     return float((pairs + 0.5 * (scores[clean][:, None] == scores[~clean][None, :]).double()).mean())
@@ -218,7 +209,7 @@ def test_matched_queries_let_the_score_see_each_demonstrations_own_correctness()
     pool = generate_lookup_task(150, task_seed=4, seed=1, num_keys=6, noise=0.3, corruption="systematic")
     val = generate_lookup_task(30, task_seed=4, seed=2, num_keys=6)
     clean = torch.tensor([not r["corrupted"] for r in pool])
-    kw = dict(template=icl_task_template(), layer=1, progress=False, predict_fn=_copier, prompt_batch_size=30)
+    kw = dict(template=icl_task_template(), layer=1, progress=False, predict_fn=ideal_copier, prompt_batch_size=30)
     matched = data_whisperer_scores(lm, tok, pool, val, query_match="key", passes=3, **kw)
     cycle = data_whisperer_scores(lm, tok, pool, val, passes=3, **kw)
     assert matched.num_queries == 3 * 150  # one query per demonstration and pass

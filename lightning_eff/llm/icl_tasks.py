@@ -34,6 +34,7 @@ demonstrations (induction), which is the in-context ability Data Whisperer's sco
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ __all__ = [
     "generate_lookup_task",
     "icl_meta_training_records",
     "icl_task_tokenizer",
+    "ideal_copier",
 ]
 
 #: Corruption kinds of :func:`generate_lookup_task`.
@@ -236,3 +238,22 @@ def icl_task_tokenizer(vocab_size: int = 320):
         for r in generate_lookup_task(26, task_seed=task_seed, num_keys=26):
             texts.append(DEFAULT_PROMPT.format(question=r["question"]) + r["answer"])
     return train_bpe_tokenizer(texts, vocab_size=vocab_size)
+
+
+def ideal_copier(texts: list[str], n_answers: int | None = None) -> list[str]:
+    """An ideal in-context learner of the lookup family, as a ``predict_fn`` for ``data_whisperer_scores``.
+
+    Answers each query ``"Qk: Code of K?"`` of a prompt with the digit the prompt's demonstrations show for ``K``
+    (``-1`` when none shows it), so a corrupted demonstration makes exactly the queries of its key wrong. It is the
+    ceiling the query assignment allows a real scorer (``n_answers`` is accepted for the ``predict_fn``
+    signature and unused: the prompt's own queries are answered)::
+
+        >>> ideal_copier(["Code of A? A3 #### 3\\nCode of B? B5 #### 5\\nQ1: Code of B?\\nQ2: Code of C?\\n"])
+        ['Q1: #### 5\\nQ2: #### -1\\n']
+    """
+    out = []
+    for text in texts:
+        shown = dict(re.findall(r"Code of (\w)\? \w(\d) ####", text))
+        queries = re.findall(r"Q\d+: Code of (\w)\?", text)
+        out.append("".join(f"Q{k}: #### {shown.get(q, '-1')}\n" for k, q in enumerate(queries, 1)))
+    return out

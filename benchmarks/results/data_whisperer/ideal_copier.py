@@ -3,23 +3,13 @@ root after the benchmark, `python benchmarks/results/data_whisperer/ideal_copier
 benchmarks/results/data_whisperer_validation_ideal_copier.json."""
 
 import json
-import re
 
 import torch
 
 from lightning_eff.llm import build_causal_lm, load_tokenizer
-from lightning_eff.llm.icl_tasks import generate_lookup_task, icl_task_template
+from lightning_eff.llm.icl_tasks import generate_lookup_task, icl_task_template, ideal_copier
 from lightning_eff.select import data_whisperer_scores
 from lightning_eff.select.data_whisperer import WhispererResult
-
-
-def copier(texts, n):
-    out = []
-    for text in texts:
-        shown = dict(re.findall(r"Code of (\w)\? \w(\d) ####", text))
-        qs = re.findall(r"Q\d+: Code of (\w)\?", text)
-        out.append("".join(f"Q{k}: #### {shown.get(q, '-1')}\n" for k, q in enumerate(qs, 1)))
-    return out
 
 
 def auroc(s, clean):
@@ -47,7 +37,7 @@ for ts in (1, 2, 3, 4):
             query_match=m,
             n_queries=nq,
             passes=10,
-            predict_fn=copier,
+            predict_fn=ideal_copier,
             prompt_batch_size=64,
             progress=False,
         )
