@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -63,15 +62,12 @@ def run(setting: dict, args, mode: str, epochs: int | None = None):
     dm.setup()
     synset = SyntheticSet.random_subset(dm, setting["ipc"], seed=0)
     lr = (GRID * (setting["students"] // len(GRID))) if setting["grid"] else 0.01
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    res = evaluate_synthetic(synset, dm, num_students=setting["students"], epochs=epochs or args.epochs, lr=lr,
-                             dsa=DSA() if not args.no_dsa else None, seed=0, device=args.device,
-                             vectorize=MODES[mode])
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, res
+    return harness.timed(
+        lambda: evaluate_synthetic(synset, dm, num_students=setting["students"], epochs=epochs or args.epochs, lr=lr,
+                                   dsa=DSA() if not args.no_dsa else None, seed=0, device=args.device,
+                                   vectorize=MODES[mode]),
+        args.device,
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -64,19 +64,6 @@ PRESETS = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
 # LLaVA-1.5's vision tower: CLIP ViT-L/14 at 336 px (24 layers, hidden 1024), 576 patch tokens, features of the
 # second-to-last layer, a 2-layer GELU MLP projector (transformers' LlavaConfig defaults).
 CLIP_L_336 = dict(
@@ -215,7 +202,7 @@ def bench_speed(args) -> dict:
         if pruned:
             pruner.attach(model)
         try:
-            return _timed(fn, device)
+            return harness.timed(fn, device)[0] * 1e3  # ms
         finally:
             if pruned:
                 pruner.detach()
