@@ -32,6 +32,8 @@ Departures:
 * Think2Drive's BEV is 128x128x34 in CARLA; on highway-env there are no lights, signs or walkers, so
   the stack has 10 channels (see :class:`~lightning_eff.rl.envs.BEVRasterizer`).
 * The GRU is ``torch.nn.GRUCell`` followed by LayerNorm (DreamerV3 uses its own normalised GRU).
+* Imagined continuations enter the lambda-returns and loss weights as the continue head's probability;
+  DreamerV3's code takes its mode (0 or 1). The start state's continuation is the real one, as there.
 
 Cost (``docs/methods/think2drive_agent.md``, ``benchmarks/rl_update_speed.py``): the actor-critic update
 dominates (15 imagined steps from every posterior state of the batch, 255-bin heads on all imagined
