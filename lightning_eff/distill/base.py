@@ -111,6 +111,10 @@ class DistillationModule(ProcessGroupCleanup, L.LightningModule):
         clamp: keep the synthetic images inside the valid pixel range ``[0, 1]`` (in normalised units).
         save_dir: where ``synthetic_set.pt`` and ``synthetic_grid.png`` go (default: the trainer's log dir).
         seed: seed of the synthetic-set initialisation and of every per-iteration draw.
+
+    A method takes its own arguments after ``net`` and ``ipc`` and hands the others on as keyword
+    arguments (``**common``); LightningCLI still lists and type-checks them, as the method's.
+    The hyperparameters (all but the modules and callables) are saved here.
     """
 
     method_name = "distillation"
@@ -162,6 +166,9 @@ class DistillationModule(ProcessGroupCleanup, L.LightningModule):
         self._data_meta: dict[str, Any] = {}
         self._bounds: tuple[Tensor, Tensor] | None = None
         self._resolved_save_dir: Path | None = None
+        # Lightning collects the arguments of every __init__ up the class chain, so this records a
+        # method's own arguments too (and the defaults of those it hands on here as ``**common``).
+        self.save_hyperparameters(ignore=["net", "image_optimizer", "dsa", "plugins"])
 
     # ------------------------------------------------------------------ set-up
     @property
