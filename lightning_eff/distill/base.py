@@ -114,10 +114,12 @@ class DistillationModule(ProcessGroupCleanup, L.LightningModule):
 
     A method takes its own arguments after ``net`` and ``ipc`` and hands the others on as keyword
     arguments (``**common``); LightningCLI still lists and type-checks them, as the method's.
-    The hyperparameters (all but the modules and callables) are saved here.
+    The hyperparameters (all but those named in ``hparams_ignore``) are saved here.
     """
 
     method_name = "distillation"
+    #: arguments left out of the saved hyperparameters (modules and callables)
+    hparams_ignore: tuple[str, ...] = ("net", "image_optimizer", "dsa", "plugins")
 
     def __init__(
         self,
@@ -168,7 +170,7 @@ class DistillationModule(ProcessGroupCleanup, L.LightningModule):
         self._resolved_save_dir: Path | None = None
         # Lightning collects the arguments of every __init__ up the class chain, so this records a
         # method's own arguments too (and the defaults of those it hands on here as ``**common``).
-        self.save_hyperparameters(ignore=["net", "image_optimizer", "dsa", "plugins"])
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
 
     # ------------------------------------------------------------------ set-up
     @property
