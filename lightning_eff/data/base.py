@@ -17,10 +17,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from lightning_eff.utils.checks import check_int
-from lightning_eff.utils.loaders import make_loader
+from lightning_eff.utils.loaders import SplitDataLoaders
 
 __all__ = ["ClassificationDataModule", "ImageTensorDataset"]
 
@@ -107,7 +107,7 @@ class ImageTensorDataset(TensorDataset):
         return self.tensors[0][index], int(self.tensors[1][index])
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(SplitDataLoaders, L.LightningDataModule):
     """Base ``LightningDataModule`` for image classification.
 
     Subclasses fill in the protected attributes (``_num_classes``, ``_image_shape``, ``_mean``, ``_std``,
@@ -320,21 +320,3 @@ class ClassificationDataModule(L.LightningDataModule):
         """
         mean, std = self._stats_like(x, "denormalize")
         return x * std + mean
-
-    # ------------------------------------------------------------------------------------------
-    # dataloaders
-    # ------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, self.batch_size, shuffle, self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled loader over ``train_set``."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Loader over ``val_set`` (not shuffled)."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Loader over ``test_set`` (not shuffled)."""
-        return self._loader(self.test_set, shuffle=False)

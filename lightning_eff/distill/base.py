@@ -111,9 +111,15 @@ class DistillationModule(ProcessGroupCleanup, L.LightningModule):
         clamp: keep the synthetic images inside the valid pixel range ``[0, 1]`` (in normalised units).
         save_dir: where ``synthetic_set.pt`` and ``synthetic_grid.png`` go (default: the trainer's log dir).
         seed: seed of the synthetic-set initialisation and of every per-iteration draw.
+
+    A method takes its own arguments after ``net`` and ``ipc`` and hands the others on as keyword
+    arguments (``**common``); LightningCLI still lists and type-checks them, as the method's.
+    The hyperparameters (all but those named in ``hparams_ignore``) are saved here.
     """
 
     method_name = "distillation"
+    #: arguments left out of the saved hyperparameters (modules and callables)
+    hparams_ignore: tuple[str, ...] = ("net", "image_optimizer", "dsa", "plugins")
 
     def __init__(
         self,
@@ -162,6 +168,9 @@ class DistillationModule(ProcessGroupCleanup, L.LightningModule):
         self._data_meta: dict[str, Any] = {}
         self._bounds: tuple[Tensor, Tensor] | None = None
         self._resolved_save_dir: Path | None = None
+        # Lightning collects the arguments of every __init__ up the class chain, so this records a
+        # method's own arguments too (and the defaults of those it hands on here as ``**common``).
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
 
     # ------------------------------------------------------------------ set-up
     @property

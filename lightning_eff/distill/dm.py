@@ -21,14 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_eff.distill.base import (
     DistillationModule,
-    DistillPlugin,
     DistillStep,
-    _default_image_optimizer,
 )
 from lightning_eff.utils.checks import check_int
 
@@ -73,22 +70,15 @@ class DistributionMatching(DistillationModule):
         net: nn.Module,
         ipc: int = 10,
         batch_real: int = 256,
-        init: str = "real",
-        image_optimizer: OptimizerCallable = _default_image_optimizer,
-        dsa: Any | None = None,
-        plugins: list[DistillPlugin] | None = None,
-        clamp: bool = False,
-        save_dir: str | None = None,
-        seed: int = 0,
+        **common: Any,
     ) -> None:
-        super().__init__(net, ipc, init, image_optimizer, dsa, plugins, clamp, save_dir, seed)
+        super().__init__(net, ipc, **common)
         check_int(batch_real, "batch_real", minimum=1, owner="DistributionMatching")
         if not callable(getattr(net, "features", None)):
             raise TypeError(
                 f"DistributionMatching: net {type(net).__name__} needs a features(x) -> [B, D] embedding method"
             )
         self.batch_real = batch_real
-        self.save_hyperparameters(ignore=["net", "image_optimizer", "dsa", "plugins"])
 
     def matching_loss(self, step: DistillStep) -> Tensor:
         seed = int(torch.randint(0, 2**62, (1,), generator=step.shared))

@@ -376,6 +376,7 @@ class StaticSet(DistillationModule):
     """
 
     method_name = "static"
+    hparams_ignore = (*DistillationModule.hparams_ignore, "clamp")  # fixed here, not an argument
 
     def __init__(
         self,
@@ -395,7 +396,6 @@ class StaticSet(DistillationModule):
                 "StaticSet: the images are fixed, so it needs a plug-in that learns (e.g. DRUPI)"
             )
         super().__init__(net, ipc, init, _keep_images, None, plugins, False, save_dir, seed)
-        self.save_hyperparameters(ignore=["net", "plugins"])
 
     def setup_method(self, datamodule) -> None:
         self.syn_images.requires_grad_(False)

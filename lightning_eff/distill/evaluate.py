@@ -15,34 +15,12 @@ Where each name lives now:
   ``FeatureTap``: ``lightning_eff.models.privileged`` (the classifier uses them too).
 """
 
-from lightning_eff.distill.evaluation.callback import SyntheticEvalCallback
-from lightning_eff.distill.evaluation.data import _test_tensors, load_test_tensors  # noqa: F401  (former private name)
-from lightning_eff.distill.evaluation.functional import (
-    default_student,
-    evaluate_synthetic,
-    evaluate_synthetic_sets,
-)
-from lightning_eff.distill.evaluation.losses import soft_label_loss, soft_label_terms
-from lightning_eff.distill.evaluation.protocol import StudentProtocol
-from lightning_eff.distill.evaluation.result import EvaluationResult
-from lightning_eff.distill.evaluation.trainers import stacked_convnet_forward
+from lightning_eff.distill import evaluation
+from lightning_eff.distill.evaluation import *  # noqa: F403  (the names of evaluation.__all__)
+from lightning_eff.distill.evaluation.data import _test_tensors  # noqa: F401  (former private name)
 from lightning_eff.models.privileged import FeatureTap, pool_privileged, privileged_loss, privileged_terms
 
 _FeatureTap = FeatureTap  # the former private names, still imported by distill/drupi.py (and _test_tensors by others)
 
-__all__ = [
-    "StudentProtocol",
-    "EvaluationResult",
-    "evaluate_synthetic",
-    "evaluate_synthetic_sets",
-    "SyntheticEvalCallback",
-    "default_student",
-    "load_test_tensors",
-    "soft_label_loss",
-    "soft_label_terms",
-    "privileged_loss",
-    "privileged_terms",
-    "pool_privileged",
-    "FeatureTap",
-    "stacked_convnet_forward",
-]
+__all__ = ["privileged_loss", "privileged_terms", "pool_privileged", "FeatureTap"]
+__all__ += evaluation.__all__

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
+from lightning_eff.distill.base import DistillationModule, DistillStep
 from lightning_eff.utils.checks import check_int
 
 __all__ = ["GradientMatching", "gradient_distance", "get_loops", "DISTANCES"]
@@ -118,15 +118,10 @@ class GradientMatching(DistillationModule):
         net_lr: float = 0.01,
         batch_train: int = 256,
         distance: str = "ours",
-        init: str = "real",
         image_optimizer: OptimizerCallable = _default_image_optimizer,
-        dsa: Any | None = None,
-        plugins: list[DistillPlugin] | None = None,
-        clamp: bool = False,
-        save_dir: str | None = None,
-        seed: int = 0,
+        **common: Any,
     ) -> None:
-        super().__init__(net, ipc, init, image_optimizer, dsa, plugins, clamp, save_dir, seed)
+        super().__init__(net, ipc, image_optimizer=image_optimizer, **common)
         default_outer, default_inner = get_loops(ipc)
         self.outer_loop = default_outer if outer_loop is None else outer_loop
         self.inner_loop = default_inner if inner_loop is None else inner_loop
@@ -148,7 +143,6 @@ class GradientMatching(DistillationModule):
         self.__dict__["_net"] = None
         self._net_opt: torch.optim.Optimizer | None = None
         self._pending_net_state: dict[str, Any] | None = None
-        self.save_hyperparameters(ignore=["net", "image_optimizer", "dsa", "plugins"])
 
     # the network persists across training steps within one outer loop: it is checkpointed
     def _network(self, step: DistillStep) -> nn.Module:

@@ -38,7 +38,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
+from lightning_eff.distill.base import DistillationModule, DistillStep
 from lightning_eff.distill.reference import (
     TRAJECTORY_FORMAT,
     TRAJECTORY_VERSION,
@@ -114,15 +114,10 @@ class TrajectoryMatching(DistillationModule):
         lr_init: float | None = None,
         lr_lr: float = 1e-5,
         learn_lr: bool = True,
-        init: str = "real",
         image_optimizer: OptimizerCallable = _default_image_optimizer,
-        dsa: Any | None = None,
-        plugins: list[DistillPlugin] | None = None,
-        clamp: bool = False,
-        save_dir: str | None = None,
-        seed: int = 0,
+        **common: Any,
     ) -> None:
-        super().__init__(net, ipc, init, image_optimizer, dsa, plugins, clamp, save_dir, seed)
+        super().__init__(net, ipc, image_optimizer=image_optimizer, **common)
         for name, value, low in [
             ("num_experts", num_experts, 1),
             ("expert_train_epochs", expert_train_epochs, 1),
@@ -152,7 +147,6 @@ class TrajectoryMatching(DistillationModule):
         self.syn_lr = nn.Parameter(torch.tensor(float(lr_init if lr_init is not None else expert_lr)), requires_grad=learn_lr)
         self.__dict__["_student"] = copy.deepcopy(net)
         self._experts: list[ExpertTrajectory] | None = None
-        self.save_hyperparameters(ignore=["net", "image_optimizer", "dsa", "plugins"])
 
     def setup_method(self, datamodule) -> None:
         if self._experts is not None:

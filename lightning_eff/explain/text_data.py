@@ -12,10 +12,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_eff.utils.checks import check_float, check_int
-from lightning_eff.utils.loaders import make_loader
+from lightning_eff.utils.loaders import SplitDataLoaders
 
 __all__ = ["SyntheticTextDataModule", "TokenDataset"]
 
@@ -47,7 +47,7 @@ class TokenDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int]:
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}, int(self.labels[i])
 
-class SyntheticTextDataModule(L.LightningDataModule):
+class SyntheticTextDataModule(SplitDataLoaders, L.LightningDataModule):
     """Generated cue-word classification (see the module docstring); splits are seeded and fixed.
 
     Args:
@@ -177,17 +177,3 @@ class SyntheticTextDataModule(L.LightningDataModule):
         self.test_set = TokenDataset(ids[test], mask[test], labels[test])
         self.val_set = TokenDataset(ids[val], mask[val], labels[val])
         self.train_set = TokenDataset(ids[train], mask[train], labels[train])
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("SyntheticTextDataModule: call `setup()` first (the Trainer does it for you).")
-        return make_loader(dataset, self.batch_size, shuffle, self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

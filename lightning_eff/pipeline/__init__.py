@@ -63,35 +63,12 @@ Layout: :mod:`~lightning_eff.pipeline.stages` (names, :class:`PipelineError`, :c
 :mod:`~lightning_eff.pipeline.cli` (:func:`main`).
 """
 
+from lightning_eff.pipeline import stages
 from lightning_eff.pipeline.cli import build_parser, main
 from lightning_eff.pipeline.runner import run_stage_inprocess
 from lightning_eff.pipeline.spec import Pipeline
-from lightning_eff.pipeline.stages import (
-    COMMANDS,
-    ISOLATIONS,
-    OVERRIDES_NAME,
-    SUMMARY_FORMAT,
-    SUMMARY_FORMAT_VERSION,
-    SUMMARY_NAME,
-    PipelineError,
-    ResolvedStage,
-    Stage,
-)
+from lightning_eff.pipeline.stages import *  # noqa: F403  (the names and stage types of stages.__all__)
 from lightning_eff.pipeline.summary import format_summary
 
-__all__ = [
-    "COMMANDS",
-    "ISOLATIONS",
-    "OVERRIDES_NAME",
-    "SUMMARY_FORMAT",
-    "SUMMARY_FORMAT_VERSION",
-    "SUMMARY_NAME",
-    "Pipeline",
-    "PipelineError",
-    "ResolvedStage",
-    "Stage",
-    "build_parser",
-    "format_summary",
-    "main",
-    "run_stage_inprocess",
-]
+__all__ = ["Pipeline", "build_parser", "format_summary", "main", "run_stage_inprocess"]
+__all__ += stages.__all__

@@ -51,6 +51,7 @@ from lightning_eff.tokens.hf_compat import (
     id_carriers,
     merge_mrope,
 )
+from lightning_eff.tokens.pruner import HookedPruner, PruneRecord
 from lightning_eff.utils.checks import check_int
 
 __all__ = ["DecoderTokenPruner", "PruneRecord", "find_decoder", "SUPPORTED_ATTENTION"]
@@ -62,45 +63,6 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-@dataclass
-class PruneRecord:
-    """One pruned prefill: sizes (for kept-ratio, FLOPs and KV-cache metrics) and the kept positions.
-
-    ``seq_len`` tokens entered layer K and ``kept_len`` left it (per sequence, fillers included);
-    ``span_len`` / ``span_kept`` are the compressible tokens and those kept for a batch whose sequences hold
-    the same number, and ``span_lens`` / ``span_kepts`` give them per sequence. ``fillers`` (``[B, kept_len]``,
-    or None) marks the masked slots that left-pad shorter pruned sequences of a mixed batch.
-    """
-
-    batch_size: int
-    seq_len: int
-    kept_len: int
-    span_len: int
-    span_kept: int
-    layer: int
-    num_layers: int
-    keep_index: Tensor
-    latency_ms: float | None = None
-    span_lens: tuple[int, ...] = ()
-    span_kepts: tuple[int, ...] = ()
-    fillers: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if not self.span_lens:
-            self.span_lens = (self.span_len,) * self.batch_size
-            self.span_kepts = (self.span_kept,) * self.batch_size
-
-    @property
-    def span_total(self) -> int:
-        """Compressible tokens over the batch (sequences may hold different numbers)."""
-        return int(sum(self.span_lens))
-
-    @property
-    def kept_total(self) -> int:
-        """Compressible tokens kept over the batch."""
-        return int(sum(self.span_kepts))
 
 
 @dataclass
@@ -123,7 +85,7 @@ class _Call:
     record: PruneRecord | None = None
 
 
-class DecoderTokenPruner:
+class DecoderTokenPruner(HookedPruner):
     """Prunes a span of tokens (image tokens) inside a ``transformers`` decoder at layer K.
 
     Args:
@@ -215,10 +177,6 @@ class DecoderTokenPruner:
         self.span = (starts, length)
 
     # ------------------------------------------------------------------------------------------ attach
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def attach(self, model: nn.Module, model_path: str | None = None) -> DecoderTokenPruner:
         """Register the hooks on the decoder found in ``model`` (see :func:`find_decoder`)."""
         if self.attached:
@@ -268,14 +226,6 @@ class DecoderTokenPruner:
         """The image token id in use: ``image_token_id``, or the attached model's config's (None if neither)."""
         return self._token_id
 
-    def __enter__(self) -> DecoderTokenPruner:
-        if not self.attached:
-            raise RuntimeError("DecoderTokenPruner: use `with pruner.attach(model):`.")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.detach()
-
     def _check_attention(self, decoder: nn.Module) -> None:
         impl = getattr(decoder.config, "_attn_implementation", None) or "eager"
         if impl not in SUPPORTED_ATTENTION:
@@ -292,17 +242,9 @@ class DecoderTokenPruner:
 
     # ------------------------------------------------------------------------------------------ records
     @property
-    def last_record(self) -> PruneRecord | None:
-        return self.records[-1] if self.records else None
-
-    @property
     def last_keep_index(self) -> Tensor | None:
         """``[B, L']`` positions (in the pruned call's input) that the last pruned call kept."""
         return self.records[-1].keep_index if self.records else None
-
-    def pop_records(self) -> list[PruneRecord]:
-        out, self.records = self.records, []
-        return out
 
     # ------------------------------------------------------------------------------------------ hooks
     def _outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

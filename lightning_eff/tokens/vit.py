@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_eff.tokens.api import SelectionContext, TokenSelector, build_keep_index
-from lightning_eff.tokens.decoder import PruneRecord
+from lightning_eff.tokens.pruner import HookedPruner, PruneRecord
 from lightning_eff.utils.checks import check_int
 
 __all__ = ["ViTTokenPruner", "find_vit"]
@@ -63,7 +63,7 @@ def _hf_key_linear(block: nn.Module) -> nn.Linear:
     return attn.attention.key
 
 
-class ViTTokenPruner:
+class ViTTokenPruner(HookedPruner):
     """Prunes (or pools) the patch tokens of a ViT encoder at the input of block K.
 
     Args:
@@ -102,18 +102,6 @@ class ViTTokenPruner:
         self._handles: list[Any] = []
         self._captured: dict[str, Tensor] = {}
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    @property
-    def last_record(self) -> PruneRecord | None:
-        return self.records[-1] if self.records else None
-
-    def pop_records(self) -> list[PruneRecord]:
-        out, self.records = self.records, []
-        return out
-
     def attach(self, model: nn.Module, model_path: str | None = None) -> ViTTokenPruner:
         """Register the hooks on the ViT encoder inside ``model``."""
         if self.attached:
@@ -144,14 +132,6 @@ class ViTTokenPruner:
             h.remove()
         self._handles = []
         self._captured = {}
-
-    def __enter__(self) -> ViTTokenPruner:
-        if not self.attached:
-            raise RuntimeError("ViTTokenPruner: use `with pruner.attach(model):`.")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.detach()
 
     def _capture_input(self, module: nn.Module, args: tuple) -> None:
         self._captured["x"] = args[0]

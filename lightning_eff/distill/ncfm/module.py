@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_eff.data.synthetic_set import SyntheticSet
-from lightning_eff.distill.base import DistillationModule, DistillPlugin, DistillStep
+from lightning_eff.distill.base import DistillationModule, DistillStep
 from lightning_eff.distill.ncfm.feature_nets import (
     FeatureNetPretraining,
     FeatureNetworks,
@@ -113,6 +113,7 @@ class NCFM(DistillationModule):
     """
 
     method_name = "ncfm"
+    hparams_ignore = (*DistillationModule.hparams_ignore, "psi_optimizer")
 
     def __init__(
         self,
@@ -134,16 +135,17 @@ class NCFM(DistillationModule):
         plateau_patience: int | None = 500,
         plateau_factor: float = 0.5,
         memory_efficient: bool = False,
-        init: str = "real",
         image_optimizer: OptimizerCallable = _default_image_optimizer,
-        dsa: Any | None = None,
-        plugins: list[DistillPlugin] | None = None,
         clamp: bool = True,
-        save_dir: str | None = None,
-        seed: int = 0,
-        **legacy_pretrain: Any,
+        **common: Any,
     ) -> None:
-        super().__init__(net, ipc, init, image_optimizer, dsa, plugins, clamp, save_dir, seed)
+        # `pretrain` goes into the hyperparameters as plain data (a checkpoint stays loadable without
+        # unpickling classes), with the deprecated pretrain_* keywords folded into it
+        legacy_pretrain = {k: common.pop(k) for k in list(common) if k.startswith("pretrain_")}
+        pretrain = _pretraining(pretrain, legacy_pretrain).as_kwargs()
+        if feature_dim is None:  # resolved before the base records it
+            feature_dim = getattr(net, "feature_dim", None)
+        super().__init__(net, ipc, image_optimizer=image_optimizer, clamp=clamp, **common)
         name = "NCFM"
         check_int(factor, "factor", minimum=1, owner=name)
         for arg, value in (("batch_real", batch_real), ("num_freqs", num_freqs), ("psi_repeat", psi_repeat),
@@ -154,15 +156,12 @@ class NCFM(DistillationModule):
         check_float(loss_scale, "loss_scale", low=0.0, low_open=True, owner=name)
         check_float(calib_weight, "calib_weight", low=0.0, owner=name)
         check_optional_int(plateau_patience, "plateau_patience", minimum=0, owner=name)
-        pretrain = _pretraining(pretrain, legacy_pretrain)
         if not isinstance(use_sampling_net, bool):
             raise TypeError(f"{name}: `use_sampling_net` must be a bool, got {use_sampling_net!r}")
         if not isinstance(memory_efficient, bool):
             raise TypeError(f"{name}: `memory_efficient` must be a bool, got {memory_efficient!r}")
         if not callable(getattr(net, "features", None)):
             raise TypeError(f"{name}: net {type(net).__name__} needs a features(x) -> [B, D] embedding method")
-        if feature_dim is None:
-            feature_dim = getattr(net, "feature_dim", None)
         if use_sampling_net and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1):
             raise ValueError(
                 f"{name}: use_sampling_net=True needs the feature dimension: pass `feature_dim` (the net "
@@ -178,7 +177,7 @@ class NCFM(DistillationModule):
         self.feature_dim = feature_dim
         self.calib_weight = float(calib_weight)
         self.num_feature_nets = num_feature_nets
-        self.pretrain = pretrain
+        self.pretrain = FeatureNetPretraining(**pretrain)
         self.feature_nets_path = feature_nets_path
         self.plateau_patience = plateau_patience
         self.plateau_factor = float(plateau_factor)
@@ -192,10 +191,6 @@ class NCFM(DistillationModule):
         self.__dict__["_feat_net"] = None
         self.__dict__["_calib_net"] = None
         self._feature_nets: FeatureNetworks | None = None
-        # saved as plain data (a checkpoint stays loadable without unpickling classes); the deprecated
-        # pretrain_* keywords are folded into it
-        pretrain, legacy_pretrain = pretrain.as_kwargs(), {}  # noqa: F841 - read by save_hyperparameters
-        self.save_hyperparameters(ignore=["net", "image_optimizer", "psi_optimizer", "dsa", "plugins"])
 
     # ------------------------------------------------------------------ set-up
     def _initial_set(self, dm) -> SyntheticSet:

@@ -9,25 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning_eff.rl.envs.base import (
-    EVENT_KINDS,
-    INFRACTION_KINDS,
-    DrivingEnv,
-    DrivingState,
-    RewardWeights,
-    default_action_table,
-)
+from lightning_eff.rl.envs import base
+from lightning_eff.rl.envs.base import *  # noqa: F403  (the interface: the names of base.__all__)
+from lightning_eff.rl.envs.base import DrivingEnv
 from lightning_eff.rl.envs.bev import BEVRasterizer, Segments, colorize, polyline_segments
 from lightning_eff.rl.envs.highway import SCENARIO_SPECS, HighwayBEVEnv, ScenarioSpec
 from lightning_eff.rl.envs.tiny import TinyCorridorEnv
 
 __all__ = [
-    "DrivingEnv",
-    "DrivingState",
-    "RewardWeights",
-    "default_action_table",
-    "INFRACTION_KINDS",
-    "EVENT_KINDS",
     "BEVRasterizer",
     "Segments",
     "colorize",
@@ -40,6 +29,7 @@ __all__ = [
     "register_env",
     "make_env",
 ]
+__all__ += base.__all__
 
 #: name -> factory returning a :class:`DrivingEnv`.
 ENV_REGISTRY: dict[str, Callable[..., DrivingEnv]] = {"highway-bev": HighwayBEVEnv, "tiny-corridor": TinyCorridorEnv}
